@@ -1,0 +1,175 @@
+"""The `flashinfer-lite` command: thin click commands over the Python API.
+
+Every user mistake surfaces as a FlashInferError (or a click usage error) and is printed as one
+line with a non-zero exit; a traceback here is a bug.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from ..errors import FlashInferError
+
+MODEL_HELP = "a .gguf path or a short name: smollm2-135m (default), gemma3-270m"
+
+
+def common_model_options(f):
+    f = click.option("-m", "--model", default=None, help=MODEL_HELP)(f)
+    f = click.option("--backend", default="auto", show_default=True,
+                     type=click.Choice(["auto", "onnxruntime", "numpy", "mlx"]))(f)
+    f = click.option("-t", "--threads", type=click.IntRange(min=1), default=None,
+                     help="CPU threads (default: physical cores)")(f)
+    f = click.option("-c", "--ctx-size", type=click.IntRange(min=1), default=None,
+                     help="context length (default: the model's)")(f)
+    f = click.option("--kv-cache", default="f16", show_default=True,
+                     type=click.Choice(["f16", "f32"]))(f)
+    f = click.option("--memory-budget", default=None,
+                     help="e.g. 300MB, 1.5GB, or 0.5 (a fraction of the model file)")(f)
+    return f
+
+
+def sampling_options(f):
+    f = click.option("--temp", "temperature", type=float, default=None,
+                     help="temperature; 0 = greedy")(f)
+    f = click.option("--top-k", type=int, default=40, show_default=True)(f)
+    f = click.option("--top-p", type=float, default=0.95, show_default=True)(f)
+    f = click.option("--min-p", type=float, default=0.05, show_default=True)(f)
+    f = click.option("--repeat-penalty", type=float, default=1.0, show_default=True)(f)
+    f = click.option("--seed", type=int, default=None)(f)
+    f = click.option("--stop", multiple=True, help="stop string (repeatable)")(f)
+    return f
+
+
+def _load(model, backend, threads, ctx_size, kv_cache, memory_budget):
+    from .. import load
+
+    budget = memory_budget
+    if budget is not None:
+        try:
+            budget = float(budget) if float(budget) <= 1 else budget
+        except ValueError:
+            pass
+    return load(model, memory_budget=budget, backend=backend, kv_cache=kv_cache,
+                ctx_size=ctx_size, threads=threads)
+
+
+def _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, default_temp):
+    return dict(temperature=default_temp if temperature is None else temperature, top_k=top_k,
+                top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed,
+                stop=list(stop))
+
+
+class FriendlyGroup(click.Group):
+    """Turns FlashInferError into one line on stderr and exit status 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except FlashInferError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=FriendlyGroup)
+@click.version_option(package_name="flashinfer-lite")
+def app():
+    """Run GGUF language models on memory-constrained personal devices."""
+
+
+@app.command()
+@common_model_options
+@sampling_options
+@click.option("-p", "--prompt", required=True, help="the prompt text")
+@click.option("-n", "--n-predict", "max_tokens", type=click.IntRange(min=0), default=128,
+              show_default=True, help="tokens to generate")
+@click.option("--chat-template/--raw", "use_template", default=False,
+              help="wrap the prompt as one user turn of the model's chat template")
+@click.option("--json", "as_json", is_flag=True, help="print text and stats as one JSON object")
+def generate(model, backend, threads, ctx_size, kv_cache, memory_budget, temperature, top_k,
+             top_p, min_p, repeat_penalty, seed, stop, prompt, max_tokens, use_template,
+             as_json):
+    """One-shot generation from a prompt."""
+    m = _load(model, backend, threads, ctx_size, kv_cache, memory_budget)
+    kw = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, 0.0)
+    source = m.apply_chat_template([{"role": "user", "content": prompt}]) if use_template \
+        else prompt
+    parts, last = [], None
+    for chunk in m.stream(source, max_tokens=max_tokens, **kw):
+        parts.append(chunk.text)
+        last = chunk
+        if not as_json:
+            click.echo(chunk.text, nl=False)
+    if as_json:
+        click.echo(json.dumps({"text": "".join(parts), "model": str(m.path),
+                               "finish_reason": last.finish_reason if last else "length",
+                               "stats": m.stats}))
+    else:
+        click.echo()
+
+
+@app.command()
+@common_model_options
+@sampling_options
+@click.option("-n", "--n-predict", "max_tokens", type=click.IntRange(min=1), default=512,
+              show_default=True, help="most tokens per reply")
+@click.option("-s", "--system", default=None, help="a system prompt")
+def chat(model, backend, threads, ctx_size, kv_cache, memory_budget, temperature, top_k, top_p,
+         min_p, repeat_penalty, seed, stop, max_tokens, system):
+    """Chat in the terminal (or through a pipe). /reset, /stats, /exit; Ctrl-C stops a reply."""
+    from .chat_loop import run_chat
+
+    m = _load(model, backend, threads, ctx_size, kv_cache, memory_budget)
+    kw = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, 0.7)
+    run_chat(m, system, max_tokens, kw)
+
+
+@app.command()
+@click.argument("model", required=False)
+@click.option("--json", "as_json", is_flag=True)
+def inspect(model, as_json):
+    """Architecture, dimensions, parameters, quant types and bytes by tensor group."""
+    from ..config import ModelConfig
+    from ..loaders.gguf_file import GGUFFile
+    from ..memory import format_bytes
+    from ..registry import resolve_model
+
+    f = GGUFFile(resolve_model(model))
+    cfg = ModelConfig.from_gguf(f)
+    info = {
+        "path": str(f.path), "name": cfg.name, "architecture": cfg.architecture,
+        "layers": cfg.n_layers, "d_model": cfg.d_model, "ffn_dim": cfg.ffn_dim,
+        "heads": cfg.n_heads, "kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+        "vocab": cfg.vocab_size, "context_length": cfg.context_length,
+        "sliding_window": cfg.sliding_window, "parameters": f.parameter_count(),
+        "file_bytes": f.file_size, "quant_types": f.quant_types(),
+        "bytes_by_group": f.bytes_by_group(),
+        "chat_template": bool(f.get("tokenizer.chat_template")),
+    }
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    for key, value in info.items():
+        if key == "bytes_by_group":
+            value = ", ".join(f"{k} {format_bytes(v)}" for k, v in
+                              sorted(value.items(), key=lambda kv: -kv[1]))
+        elif key == "quant_types":
+            value = ", ".join(f"{k} x{v}" for k, v in value.items())
+        elif key in ("file_bytes",):
+            value = format_bytes(value)
+        elif key == "parameters":
+            value = f"{value / 1e6:.1f} M"
+        click.echo(f"{key:>16}: {value}")
+
+
+def main():
+    app(prog_name="flashinfer-lite")
+
+
+if __name__ == "__main__":
+    main()

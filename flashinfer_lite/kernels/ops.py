@@ -1,0 +1,83 @@
+"""Numeric ops of the transformer that are not weight matmuls, in float32 numpy.
+
+These are cheap next to the matmuls (which a backend owns) and identical on every CPU backend.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_GELU_C = np.float32(np.sqrt(2.0 / np.pi))
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """x (..., d) scaled by 1/rms over the last axis, times weight (d,)."""
+    ms = np.mean(np.square(x, dtype=np.float32), axis=-1, keepdims=True)
+    return (x * (1.0 / np.sqrt(ms + eps))).astype(np.float32, copy=False) * weight
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1.0 + np.tanh(_GELU_C * (x + 0.044715 * x * x * x)))
+
+
+ACTIVATIONS = {"silu": silu, "gelu_tanh": gelu_tanh}
+
+
+def rope_tables(positions: np.ndarray, head_dim: int, base: float, scale: float = 1.0,
+                freq_factors: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin of shape (T, head_dim // 2) for integer positions (T,)."""
+    inv_freq = base ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    if freq_factors is not None:
+        inv_freq = inv_freq / freq_factors
+    angles = (positions.astype(np.float64)[:, None] / scale) * inv_freq[None, :]
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, rope_type: str) -> np.ndarray:
+    """Rotate x (T, heads, head_dim) by position; cos/sin (T, head_dim // 2)."""
+    c, s = cos[:, None, :], sin[:, None, :]  # (T, 1, D/2)
+    if rope_type == "neox":  # pairs are (i, i + D/2)
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+    x1, x2 = x[..., 0::2], x[..., 1::2]  # "norm": adjacent pairs (2i, 2i + 1)
+    out = np.empty_like(x)
+    out[..., 0::2] = x1 * c - x2 * s
+    out[..., 1::2] = x2 * c + x1 * s
+    return out
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray,
+              k_pos: np.ndarray, scale: float, window: int | None = None) -> np.ndarray:
+    """Causal grouped-query attention.
+
+    q (T, H, D) for query positions q_pos (T,); k, v (Hkv, S, D) for key positions k_pos (S,).
+    A key is visible when k_pos <= q_pos and, with a sliding window, q_pos - k_pos < window.
+    Returns (T, H * D).
+    """
+    t, h, d = q.shape
+    hkv, s, _ = k.shape
+    g = h // hkv
+    qg = q.reshape(t, hkv, g, d).transpose(1, 2, 0, 3).reshape(hkv, g * t, d)  # (Hkv, G*T, D)
+    scores = np.matmul(qg, k.transpose(0, 2, 1)) * np.float32(scale)  # (Hkv, G*T, S)
+    scores = scores.reshape(hkv, g, t, s)
+    visible = k_pos[None, :] <= q_pos[:, None]  # (T, S)
+    if window is not None:
+        visible &= (q_pos[:, None] - k_pos[None, :]) < window
+    if not visible.all():
+        scores = np.where(visible[None, None], scores, np.float32(-np.inf))
+    scores -= scores.max(axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+    scores /= scores.sum(axis=-1, keepdims=True)
+    out = np.matmul(scores.reshape(hkv, g * t, s), v)  # (Hkv, G*T, D)
+    return out.reshape(hkv, g, t, d).transpose(2, 0, 1, 3).reshape(t, h * d)
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    z = x - np.max(x, axis=axis, keepdims=True)
+    e = np.exp(z)
+    return e / np.sum(e, axis=axis, keepdims=True)

@@ -1,0 +1,58 @@
+"""Memory sizes: parsing the user's budget, and reading what the process really holds."""
+
+from __future__ import annotations
+
+import re
+import resource
+import sys
+
+from .errors import InvalidArgumentError
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1024, "m": 1e6, "mb": 1e6, "mib": 1024**2,
+          "g": 1e9, "gb": 1e9, "gib": 1024**3, "t": 1e12, "tb": 1e12, "tib": 1024**4}
+
+
+def parse_budget(budget, model_bytes: int) -> int | None:
+    """None -> None (planner reads free memory); "300MB", "1.5GB", "512MiB", int bytes, or a
+    float in (0, 1] meaning a fraction of the model file -> bytes."""
+    if budget is None:
+        return None
+    if isinstance(budget, bool):
+        raise InvalidArgumentError(f"memory_budget must be a size; got {budget!r}")
+    if isinstance(budget, float):
+        if not 0 < budget <= 1:
+            raise InvalidArgumentError(
+                f"a fractional memory_budget must be in (0, 1]; got {budget!r}")
+        return int(budget * model_bytes)
+    if isinstance(budget, int):
+        if budget <= 0:
+            raise InvalidArgumentError(f"memory_budget must be positive; got {budget!r}")
+        return budget
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(budget))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise InvalidArgumentError(
+            f"memory_budget must look like '300MB', '1.5GB' or 0.5; got {budget!r}")
+    value = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if value <= 0:
+        raise InvalidArgumentError(f"memory_budget must be positive; got {budget!r}")
+    return int(value)
+
+
+def rss_bytes() -> int:
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set since it started (ru_maxrss: KiB on Linux, B on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"

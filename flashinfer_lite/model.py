@@ -1,0 +1,289 @@
+"""The public Model: load once, then tokenize / logits / generate / stream / chat.
+
+A Model keeps one KV cache and the ids it holds; every call reuses the longest common prefix with
+the previous call, so a chat turn only prefills the new turn.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .cache.kv import make_kv_caches
+from .chat_template import ChatTemplate
+from .config import ModelConfig
+from .errors import ContextLengthError, InvalidArgumentError
+from .generate import GenerationChunk, StopMatcher, generate_step
+from .kernels.base import Backend
+from .loaders.gguf_file import GGUFFile
+from .memory import parse_budget, peak_rss_bytes, rss_bytes
+from .models import build_model
+from .registry import resolve_model
+from .sampling import make_repetition_penalty, make_sampler, validate_sampling
+from .tokenizer import Tokenizer
+
+BACKENDS = ("auto", "numpy", "onnxruntime", "mlx")
+
+
+def default_threads() -> int:
+    import psutil
+
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+def make_backend(name: str, threads: int) -> Backend:
+    if name not in BACKENDS:
+        raise InvalidArgumentError(f"backend must be one of {', '.join(BACKENDS)}; got {name!r}")
+    if name == "mlx":
+        from .errors import BackendUnavailableError
+
+        raise BackendUnavailableError("the MLX backend is not built yet; use 'onnxruntime'")
+    if name == "numpy":
+        from .kernels.numpy_backend import NumpyBackend
+
+        return NumpyBackend()
+    from .kernels.onnxruntime_backend import OnnxRuntimeBackend
+
+    return OnnxRuntimeBackend(threads)
+
+
+class Model:
+    """A loaded model. Calls are serialized by a lock, so threads may share one Model."""
+
+    def __init__(self, path: Path, backend: str = "auto", kv_cache: str = "f16",
+                 memory_budget=None, token_filter=None, ctx_size: int | None = None,
+                 threads: int | None = None, prefill_chunk: int = 256):
+        if token_filter is not None:
+            raise InvalidArgumentError(
+                f"token_filter {token_filter!r} is not available yet (only None)")
+        if prefill_chunk < 1:
+            raise InvalidArgumentError(f"prefill_chunk must be >= 1; got {prefill_chunk!r}")
+        t0 = time.perf_counter()
+        self.path = Path(path)
+        self._file = GGUFFile(self.path)
+        self.config = ModelConfig.from_gguf(self._file)
+        self.memory_budget = parse_budget(memory_budget, self._file.file_size)
+        if ctx_size is not None and ctx_size < 1:
+            raise InvalidArgumentError(f"ctx_size must be >= 1; got {ctx_size!r}")
+        self.n_ctx = min(ctx_size or self.config.context_length, self.config.context_length)
+        self.threads = threads or default_threads()
+        self.tokenizer = Tokenizer(self.path)
+        self.backend = make_backend(backend, self.threads)
+        self._net = build_model(self._file, self.backend, self.config)
+        self.kv_cache = kv_cache
+        c = self.config
+        self._caches = make_kv_caches(kv_cache, c.n_layers, c.n_kv_heads, c.head_dim)
+        self._cached_ids: list[int] = []
+        self.prefill_chunk = prefill_chunk
+        self.chat_template = ChatTemplate.for_model(self._file.get("tokenizer.chat_template"),
+                                                    c.architecture)
+        self._lock = threading.RLock()
+        self.load_s = time.perf_counter() - t0
+        self.stats: dict = {"load_s": self.load_s, **self.memory_report()}
+
+    # ---- text <-> ids ----------------------------------------------------------------------
+    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_bos=add_bos)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    # ---- memory ------------------------------------------------------------------------------
+    @property
+    def resident_bytes(self) -> int:
+        return self._net.nbytes
+
+    @property
+    def kv_bytes(self) -> int:
+        return sum(c.nbytes for c in self._caches)
+
+    def memory_report(self) -> dict:
+        return {"resident_bytes": self.resident_bytes, "kv_bytes": self.kv_bytes,
+                "file_bytes": self._file.file_size}
+
+    def reset(self) -> None:
+        """Forget the KV cache (the next call prefills from scratch)."""
+        with self._lock:
+            c = self.config
+            self._caches = make_kv_caches(self.kv_cache, c.n_layers, c.n_kv_heads, c.head_dim)
+            self._cached_ids = []
+
+    def close(self) -> None:
+        with self._lock:
+            self._caches, self._cached_ids, self._net = [], [], None
+            self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---- forward -------------------------------------------------------------------------------
+    def _forward(self, ids: Sequence[int], all_logits: bool) -> np.ndarray:
+        """Feed ids after the cache in chunks; logits of the last position (vocab,) or all."""
+        if len(self._cached_ids) + len(ids) > self.n_ctx:
+            raise ContextLengthError(
+                f"{len(self._cached_ids) + len(ids)} tokens do not fit the context of "
+                f"{self.n_ctx} tokens")
+        outs = []
+        try:
+            for s in range(0, len(ids), self.prefill_chunk):
+                chunk = list(ids[s : s + self.prefill_chunk])
+                h = self._net.forward(np.asarray(chunk, np.int64), self._caches)
+                self._cached_ids.extend(chunk)
+                if all_logits:
+                    outs.append(self._net.head(h))
+                elif s + self.prefill_chunk >= len(ids):
+                    outs.append(self._net.head(h[-1:]))
+        except BaseException:
+            # Ctrl-C or an error mid-chunk: roll every layer back to what _cached_ids says.
+            for c in self._caches:
+                c.trim(c.offset - len(self._cached_ids))
+            raise
+        return np.concatenate(outs) if all_logits else outs[-1][0]
+
+    def _reuse_prefix(self, ids: Sequence[int]) -> int:
+        """Trim the cache to its longest common prefix with ids (keeping >= 1 id to run)."""
+        n = 0
+        limit = min(len(self._cached_ids), len(ids) - 1)
+        while n < limit and self._cached_ids[n] == ids[n]:
+            n += 1
+        drop = len(self._cached_ids) - n
+        for c in self._caches:
+            c.trim(drop)
+        del self._cached_ids[n:]
+        return n
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """(len(ids), vocab) float32 logits through the prompt path (chunked, with the cache)."""
+        ids = self._check_ids(ids)
+        with self._lock:
+            self.reset()
+            return self._forward(ids, all_logits=True)
+
+    def _check_ids(self, ids) -> list[int]:
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise InvalidArgumentError("need at least one token")
+        bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
+        if bad:
+            raise InvalidArgumentError(f"token id {bad[0]} is outside the vocabulary "
+                                       f"(0..{self.config.vocab_size - 1})")
+        if len(ids) > self.n_ctx:
+            raise ContextLengthError(
+                f"the prompt has {len(ids)} tokens; the context holds {self.n_ctx}")
+        return ids
+
+    # ---- generation ------------------------------------------------------------------------
+    def stream(self, prompt: str | Sequence[int], max_tokens: int = 256,
+               temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95,
+               min_p: float = 0.05, repeat_penalty: float = 1.0, repeat_last_n: int = 64,
+               seed: int | None = None, stop: str | Sequence[str] | None = None,
+               ) -> Iterator[GenerationChunk]:
+        """Yield GenerationChunk(text, token, stats) as tokens are generated.
+
+        prompt: text (tokenized with BOS, special tokens parsed) or token ids. Generation ends at
+        an end-of-generation token, a stop string (not included), max_tokens, or the context end.
+        """
+        validate_sampling(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n)
+        if not isinstance(max_tokens, (int, np.integer)) or max_tokens < 0:
+            raise InvalidArgumentError(f"max_tokens must be an integer >= 0; got {max_tokens!r}")
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        ids = self._check_ids(ids)
+        sampler = make_sampler(temperature, top_k, top_p, min_p, seed)
+        penalty = make_repetition_penalty(repeat_penalty, repeat_last_n)
+        return self._stream(ids, max_tokens, sampler, [penalty] if penalty else [], stops)
+
+    def _stream(self, ids, max_tokens, sampler, processors, stops):
+        with self._lock:
+            t0 = time.perf_counter()
+            reused = self._reuse_prefix(ids)
+            stats = {"prompt_tokens": len(ids), "prompt_tokens_reused": reused,
+                     "generated_tokens": 0, "backend": self.backend.name,
+                     "flash_bytes_read": 0, "flash_reads": 0, "neuron_cache_hit_rate": None}
+            self.stats = stats
+            if max_tokens == 0:
+                self._forward(ids[reused:], all_logits=False)
+                stats.update(self._timing(t0, t0, time.perf_counter(), 0, len(ids) - reused))
+                return
+            decoder = self.tokenizer.stream_decoder()
+            matcher = StopMatcher(stops)
+            gen = generate_step(lambda p: self._forward(p, False),
+                                lambda t: self._forward([t], False),
+                                ids[reused:], sampler, processors, history=ids[:reused])
+            t_first = None
+            finish = None
+            n = 0
+            try:
+                for token in gen:
+                    now = time.perf_counter()
+                    t_first = t_first or now
+                    n += 1
+                    stats.update(self._timing(t0, t_first, now, n, len(ids) - reused))
+                    if self.tokenizer.is_eog(token):
+                        finish = "stop"
+                        yield GenerationChunk(matcher.flush() + decoder.flush(), None,
+                                              dict(stats), finish)
+                        return
+                    text, hit = matcher.feed(decoder.add(token))
+                    if hit:
+                        yield GenerationChunk(text, token, dict(stats), "stop")
+                        return
+                    room = len(self._cached_ids) + 1 < self.n_ctx
+                    if n >= max_tokens or not room:
+                        finish = "length"
+                        text += matcher.feed(decoder.flush())[0] + matcher.flush()
+                    yield GenerationChunk(text, token, dict(stats), finish)
+                    if finish:
+                        return
+            finally:
+                gen.close()
+
+    def _timing(self, t0, t_first, now, n, prefilled):
+        ttft = t_first - t0
+        return {
+            "ttft_s": ttft,
+            "prefill_tokens": prefilled,
+            "prefill_tokens_per_s": prefilled / ttft if ttft > 0 else None,
+            "generated_tokens": n,
+            "tokens_per_s": (n - 1) / (now - t_first) if n > 1 and now > t_first else None,
+            "elapsed_s": now - t0,
+            "kv_bytes": self.kv_bytes,
+            "resident_bytes": self.resident_bytes,
+            "peak_rss_bytes": peak_rss_bytes(),
+            "rss_bytes": rss_bytes(),
+        }
+
+    def generate(self, prompt: str | Sequence[int], max_tokens: int = 256, **kw) -> str:
+        return "".join(c.text for c in self.stream(prompt, max_tokens=max_tokens, **kw))
+
+    # ---- chat ----------------------------------------------------------------------------------
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> list[int]:
+        tok = self.tokenizer
+        bos = tok.token_text(tok.bos_id) if tok.bos_id >= 0 else ""
+        text = self.chat_template.render(messages, bos_token=bos,
+                                         eos_token=tok.token_text(tok.eos_id),
+                                         add_generation_prompt=add_generation_prompt)
+        # A template that writes BOS itself (Gemma's) must not get a second one.
+        add_bos = not (bos and text.startswith(bos))
+        return tok.encode(text, add_bos=add_bos)
+
+    def stream_chat(self, messages, **kw) -> Iterator[GenerationChunk]:
+        return self.stream(self.apply_chat_template(messages), **kw)
+
+    def chat(self, messages, **kw) -> str:
+        return "".join(c.text for c in self.stream_chat(messages, **kw))
+
+
+def load(model=None, memory_budget=None, backend: str = "auto", kv_cache: str = "f16",
+         token_filter=None, **options) -> Model:
+    """Load a model: None (the bundled default), a short name, or a .gguf path."""
+    return Model(resolve_model(model), backend=backend, kv_cache=kv_cache,
+                 memory_budget=memory_budget, token_filter=token_filter, **options)

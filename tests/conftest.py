@@ -1,0 +1,68 @@
+"""Shared fixtures: the two real models, loaded once per session, and llama.cpp as reference."""
+
+from __future__ import annotations
+
+import functools
+import pydoc_data.topics
+
+import numpy as np
+import pytest
+
+from flashinfer_lite.loaders.gguf_file import GGUFFile
+from flashinfer_lite.registry import resolve_model
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    return resolve_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def gemma3_path():
+    return resolve_model("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_file(smollm2_path):
+    return GGUFFile(smollm2_path)
+
+
+@pytest.fixture(scope="session")
+def gemma3_file(gemma3_path):
+    return GGUFFile(gemma3_path)
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_path):
+    import flashinfer_lite as fl
+
+    return fl.load(smollm2_path, threads=2)
+
+
+@pytest.fixture(scope="session")
+def gemma3(gemma3_path):
+    import flashinfer_lite as fl
+
+    return fl.load(gemma3_path, threads=2)
+
+
+@functools.lru_cache(maxsize=1)
+def topics_text() -> str:
+    """Real English text on every Python install: the pydoc topics, concatenated."""
+    topics = pydoc_data.topics.topics
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def llama_cpp_logits(path, ids) -> np.ndarray:
+    """llama.cpp's logits for every position of ids, (len(ids), vocab) float32."""
+    from llama_cpp import Llama
+
+    from flashinfer_lite.tokenizer import _quiet_stderr
+
+    with _quiet_stderr():
+        llm = Llama(model_path=str(path), n_ctx=max(512, len(ids) + 8), n_batch=512,
+                    logits_all=True, n_threads=2, verbose=False)
+        llm.eval(list(ids))
+    out = np.array(llm.scores[: len(ids)], np.float32)
+    del llm
+    return out
