@@ -7,6 +7,7 @@ line with a non-zero exit; a traceback here is a bug.
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import click
@@ -47,11 +48,8 @@ def _load(model, backend, threads, ctx_size, kv_cache, memory_budget):
     from .. import load
 
     budget = memory_budget
-    if budget is not None:
-        try:
-            budget = float(budget) if float(budget) <= 1 else budget
-        except ValueError:
-            pass
+    if budget is not None and re.fullmatch(r"0?\.[0-9]+|1(\.0*)?", budget.strip()):
+        budget = float(budget)  # a fraction of the model file
     return load(model, memory_budget=budget, backend=backend, kv_cache=kv_cache,
                 ctx_size=ctx_size, threads=threads)
 

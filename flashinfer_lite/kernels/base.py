@@ -1,51 +1,65 @@
 """The seam between a model definition and the code that multiplies by its weights.
 
-A model file (models/llama.py, models/gemma3.py) is written once against this interface; each
-backend decides how weights are held (quantized for ONNX Runtime, float32 for the numpy reference)
-and how the matmuls run.
+A model (models/llama.py, models/gemma3.py) describes each stretch of dense work between two
+attention cores (o-projection, norms, FFN, residuals, the next layer's q/k/v projections) as a
+function over a `GraphBuilder`. A backend `compile`s that function once into a `Segment`:
+
+- the numpy reference backend runs it eagerly on float32 weights;
+- the ONNX Runtime backend traces it into one ONNX graph with quantized weights, so a whole
+  segment is one session call (per-call overhead, ~20 us, dominates a 576-wide matvec otherwise).
+
+The attention core itself (RoPE, KV cache, softmax) stays in numpy, shared by all CPU backends.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from ..loaders.gguf_file import GGUFFile
 
 
-class Linear(ABC):
-    """y_i = x @ W_i.T (+ b_i) for one or more weights sharing the input x (T, K)."""
+class GraphBuilder(ABC):
+    """Operations a segment may use. Values are opaque handles (arrays, or graph names)."""
 
     @abstractmethod
-    def __call__(self, x: np.ndarray) -> list[np.ndarray]:
-        """x (T, K) float32 -> one (T, N_i) float32 array per weight."""
+    def linear(self, x, weight: str, bias: str | None = None):
+        """x (T, K) @ W.T (+ b): W is the GGUF tensor `weight` (N, K)."""
+
+    @abstractmethod
+    def rms_norm(self, x, weight: str, eps: float): ...
+
+    @abstractmethod
+    def add(self, a, b): ...
+
+    @abstractmethod
+    def mul(self, a, b): ...
+
+    @abstractmethod
+    def activation(self, x, kind: str):
+        """kind: "silu" | "gelu_tanh"."""
+
+
+SegmentFn = Callable[..., Sequence]  # (builder, *inputs) -> outputs
+
+
+class Segment(ABC):
+    """A compiled segment: (T, width) float32 arrays in, a list of float32 arrays out."""
+
+    @abstractmethod
+    def __call__(self, *inputs: np.ndarray) -> list[np.ndarray]: ...
 
     @property
     @abstractmethod
     def nbytes(self) -> int:
-        """Bytes this backend holds for the weights."""
-
-
-class FeedForward(ABC):
-    """down(act(gate(x)) * up(x)), x (T, d) -> (T, d)."""
-
-    @abstractmethod
-    def __call__(self, x: np.ndarray) -> np.ndarray: ...
-
-    @property
-    @abstractmethod
-    def nbytes(self) -> int: ...
+        """Bytes held for this segment's weights."""
 
 
 class Backend(ABC):
     name: str
 
     @abstractmethod
-    def linear(self, f: GGUFFile, names: Sequence[str],
-               biases: Sequence[np.ndarray | None] | None = None) -> Linear: ...
-
-    @abstractmethod
-    def feed_forward(self, f: GGUFFile, gate: str, up: str, down: str,
-                     activation: str) -> FeedForward: ...
+    def compile(self, f: GGUFFile, fn: SegmentFn, input_widths: Sequence[int]) -> Segment:
+        """Build a Segment computing fn(builder, *inputs) for inputs of the given widths."""

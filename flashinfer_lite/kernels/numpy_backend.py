@@ -8,48 +8,56 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Backend, FeedForward, Linear
-from .ops import ACTIVATIONS
+from .base import Backend, GraphBuilder, Segment
+from .ops import ACTIVATIONS, rms_norm
 
 
-class DenseLinear(Linear):
-    def __init__(self, weights: list[np.ndarray], biases):
-        self.weights_t = [np.ascontiguousarray(w.T) for w in weights]  # (K, N) each
-        self.biases = biases
+class _Eager(GraphBuilder):
+    """Runs each op at once on arrays; weights are dequantized on first use and kept."""
 
-    def __call__(self, x):
-        out = []
-        for w, b in zip(self.weights_t, self.biases, strict=True):
-            y = x @ w
-            out.append(y if b is None else y + b)
-        return out
+    def __init__(self, f):
+        self.f = f
+        self.weights: dict[str, np.ndarray] = {}
+
+    def _w(self, name, transpose=False):
+        if name not in self.weights:
+            w = self.f.dense(name)
+            self.weights[name] = np.ascontiguousarray(w.T) if transpose else w
+        return self.weights[name]
+
+    def linear(self, x, weight, bias=None):
+        y = x @ self._w(weight, transpose=True)  # stored (K, N)
+        return y if bias is None else y + self._w(bias)
+
+    def rms_norm(self, x, weight, eps):
+        return rms_norm(x, self._w(weight), eps)
+
+    def add(self, a, b):
+        return a + b
+
+    def mul(self, a, b):
+        return a * b
+
+    def activation(self, x, kind):
+        return ACTIVATIONS[kind](x)
+
+
+class NumpySegment(Segment):
+    def __init__(self, f, fn):
+        self.builder, self.fn = _Eager(f), fn
+
+    def __call__(self, *inputs):
+        return list(self.fn(self.builder, *inputs))
 
     @property
     def nbytes(self):
-        return sum(w.nbytes for w in self.weights_t)
-
-
-class DenseFeedForward(FeedForward):
-    def __init__(self, gate, up, down, activation):
-        self.gate_up = DenseLinear([gate, up], [None, None])
-        self.down = DenseLinear([down], [None])
-        self.act = ACTIVATIONS[activation]
-
-    def __call__(self, x):
-        g, u = self.gate_up(x)
-        return self.down(self.act(g) * u)[0]
-
-    @property
-    def nbytes(self):
-        return self.gate_up.nbytes + self.down.nbytes
+        return sum(w.nbytes for w in self.builder.weights.values())
 
 
 class NumpyBackend(Backend):
     name = "numpy"
 
-    def linear(self, f, names, biases=None):
-        biases = list(biases) if biases is not None else [None] * len(names)
-        return DenseLinear([f.dense(n) for n in names], biases)
-
-    def feed_forward(self, f, gate, up, down, activation):
-        return DenseFeedForward(f.dense(gate), f.dense(up), f.dense(down), activation)
+    def compile(self, f, fn, input_widths):
+        seg = NumpySegment(f, fn)
+        seg(*[np.zeros((1, w), np.float32) for w in input_widths])  # load weights now
+        return seg

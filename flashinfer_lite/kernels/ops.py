@@ -65,10 +65,12 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray,
     qg = q.reshape(t, hkv, g, d).transpose(1, 2, 0, 3).reshape(hkv, g * t, d)  # (Hkv, G*T, D)
     scores = np.matmul(qg, k.transpose(0, 2, 1)) * np.float32(scale)  # (Hkv, G*T, S)
     scores = scores.reshape(hkv, g, t, s)
-    visible = k_pos[None, :] <= q_pos[:, None]  # (T, S)
-    if window is not None:
-        visible &= (q_pos[:, None] - k_pos[None, :]) < window
-    if not visible.all():
+    # A mask is needed only when some query cannot see some key (prefill, or an unsliced
+    # window); one decoding query after its own cached keys sees them all.
+    if t > 1 or k_pos[-1] > q_pos[0] or (window is not None and q_pos[-1] - k_pos[0] >= window):
+        visible = k_pos[None, :] <= q_pos[:, None]  # (T, S)
+        if window is not None:
+            visible &= (q_pos[:, None] - k_pos[None, :]) < window
         scores = np.where(visible[None, None], scores, np.float32(-np.inf))
     scores -= scores.max(axis=-1, keepdims=True)
     np.exp(scores, out=scores)

@@ -1,4 +1,10 @@
-"""Pieces shared by the architectures: attention with RoPE and a KV cache, embeddings, the head."""
+"""Pieces shared by the architectures: the attention core, embeddings, the segment plan, the head.
+
+A forward pass alternates two kinds of work per layer (see kernels/base.py):
+  segment i  (backend): o-projection of layer i-1, residuals, norms, FFN, q/k/v of layer i
+  core i     (numpy):   q/k norms, RoPE, KV cache, softmax attention of layer i
+An architecture supplies `attention_inputs` and `layer_tail` as builder functions.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,7 @@ import numpy as np
 
 from ..cache.kv import KVCache
 from ..config import ModelConfig
-from ..kernels.base import Backend
+from ..kernels.base import Backend, GraphBuilder
 from ..kernels.ops import apply_rope, attention, rms_norm, rope_tables
 from ..loaders.gguf_file import GGUFFile
 
@@ -15,16 +21,14 @@ def optional_dense(f: GGUFFile, name: str) -> np.ndarray | None:
     return f.dense(name) if name in f.tensors else None
 
 
-class Attention:
-    """Grouped-query attention of one layer: projections, optional q/k RMSNorm, RoPE, cache."""
+class AttentionCore:
+    """One layer's attention after the projections: q/k RMSNorm, RoPE, cache, softmax."""
 
-    def __init__(self, f: GGUFFile, backend: Backend, cfg: ModelConfig, layer: int):
+    ROPE_TABLE_STEP = 1024
+
+    def __init__(self, f: GGUFFile, cfg: ModelConfig, layer: int):
         p = f"blk.{layer}."
         self.cfg = cfg
-        names = [p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"]
-        biases = [optional_dense(f, n.replace(".weight", ".bias")) for n in names]
-        self.qkv = backend.linear(f, names, biases)
-        self.o = backend.linear(f, [p + "attn_output.weight"])
         self.q_norm = optional_dense(f, p + "attn_q_norm.weight")
         self.k_norm = optional_dense(f, p + "attn_k_norm.weight")
         sliding = cfg.is_sliding(layer)
@@ -33,48 +37,70 @@ class Attention:
         # Linear RoPE scaling applies to the global layers only (llama.cpp: freq_scale_swa = 1).
         self.rope_scale = 1.0 if sliding else cfg.rope_scale
         self.freq_factors = optional_dense(f, "rope_freqs.weight")  # Llama 3.1 long-context
+        self._cos = self._sin = np.zeros((0, cfg.head_dim // 2), np.float32)
 
-    def __call__(self, x: np.ndarray, cache: KVCache, positions: np.ndarray) -> np.ndarray:
+    def _rope(self, positions: np.ndarray):
+        """cos, sin rows for positions, from a table grown in steps (not recomputed per token)."""
+        end = int(positions[-1]) + 1
+        if end > len(self._cos):
+            n = -(-end // self.ROPE_TABLE_STEP) * self.ROPE_TABLE_STEP
+            self._cos, self._sin = rope_tables(np.arange(n), self.cfg.head_dim, self.rope_base,
+                                               self.rope_scale, self.freq_factors)
+        return self._cos[positions], self._sin[positions]
+
+    def __call__(self, q, k, v, cache: KVCache, positions: np.ndarray) -> np.ndarray:
         c = self.cfg
-        t = x.shape[0]
-        q, k, v = self.qkv(x)
+        t = q.shape[0]
         q = q.reshape(t, c.n_heads, c.head_dim)  # (T, H, D)
         k = k.reshape(t, c.n_kv_heads, c.head_dim)  # (T, Hkv, D)
         v = v.reshape(t, c.n_kv_heads, c.head_dim)
         if self.q_norm is not None:
             q = rms_norm(q, self.q_norm, c.norm_eps)
             k = rms_norm(k, self.k_norm, c.norm_eps)
-        cos, sin = rope_tables(positions, c.head_dim, self.rope_base, self.rope_scale,
-                               self.freq_factors)
-        q = apply_rope(q, cos, sin, c.rope_type)
-        k = apply_rope(k, cos, sin, c.rope_type)
+        cos, sin = self._rope(positions)
+        qk = apply_rope(np.concatenate([q, k], axis=1), cos, sin, c.rope_type)  # (T, H+Hkv, D)
+        q, k = qk[:, : c.n_heads], qk[:, c.n_heads :]
         start = cache.offset
         keys, values = cache.update_and_fetch(k, v)  # (Hkv, S, D)
         k_pos = np.arange(keys.shape[1])
         if self.window is not None and start > self.window:
             # Keys older than the window are invisible to every query of this chunk: skip them.
-            first = max(0, start - self.window + 1)
+            first = start - self.window + 1
             keys, values, k_pos = keys[:, first:], values[:, first:], k_pos[first:]
-        out = attention(q, keys, values, positions, k_pos, c.attn_scale, self.window)
-        return self.o(out)[0]
-
-    @property
-    def nbytes(self) -> int:
-        return self.qkv.nbytes + self.o.nbytes
+        return attention(q, keys, values, positions, k_pos, c.attn_scale, self.window)
 
 
 class CausalLM:
-    """Embedding, a stack of blocks (defined by each architecture), final norm, output head."""
+    """Embedding, alternating segments and attention cores, final norm, output head."""
 
     def __init__(self, f: GGUFFile, backend: Backend, cfg: ModelConfig):
         self.file, self.cfg, self.backend = f, cfg, backend
-        self.final_norm = f.dense("output_norm.weight")
+        d, q_width = cfg.d_model, cfg.n_heads * cfg.head_dim
+        n = cfg.n_layers
+        self.cores = [AttentionCore(f, cfg, i) for i in range(n)]
+        self.first = backend.compile(f, lambda g, x: self.attention_inputs(g, x, 0), [d])
+        self.segments = [
+            backend.compile(f, lambda g, x, a, i=i: self._segment(g, x, a, i), [d, q_width])
+            for i in range(n)
+        ]
         head = "output.weight" if "output.weight" in f.tensors else "token_embd.weight"
-        self.head_linear = backend.linear(f, [head])
-        self.blocks = [self.make_block(f, backend, cfg, i) for i in range(cfg.n_layers)]
+        self.head_segment = backend.compile(f, lambda g, h: [g.linear(h, head)], [d])
 
-    def make_block(self, f, backend, cfg, layer):
+    # --- supplied by each architecture ------------------------------------------------------
+    def attention_inputs(self, g: GraphBuilder, x, layer: int) -> list:
+        """x (T, d) -> [q (T, H*D), k (T, Hkv*D), v (T, Hkv*D)] of `layer`."""
         raise NotImplementedError
+
+    def layer_tail(self, g: GraphBuilder, x, attn, layer: int):
+        """Residual stream x and the attention core's output -> x after the whole layer."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------
+    def _segment(self, g, x, attn, layer):
+        x = self.layer_tail(g, x, attn, layer)
+        if layer + 1 < self.cfg.n_layers:
+            return [x, *self.attention_inputs(g, x, layer + 1)]
+        return [g.rms_norm(x, "output_norm.weight", self.cfg.norm_eps)]
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         """(T,) token ids -> (T, d) rows read from the mapped file, scaled where the arch says."""
@@ -88,16 +114,22 @@ class CausalLM:
         start = caches[0].offset
         positions = np.arange(start, start + len(ids))
         x = self.embed(np.asarray(ids, np.int64))
-        for block, cache in zip(self.blocks, caches, strict=True):
-            x = block(x, cache, positions)
-        return rms_norm(x, self.final_norm, self.cfg.norm_eps)
+        q, k, v = self.first(x)
+        for core, seg, cache in zip(self.cores, self.segments, caches, strict=True):
+            outs = seg(x, core(q, k, v, cache, positions))
+            if len(outs) == 1:
+                return outs[0]
+            x, q, k, v = outs
+        raise AssertionError("unreachable: the last segment returns the final norm")
 
     def head(self, h: np.ndarray) -> np.ndarray:
         """(T, d) -> (T, vocab) float32 logits."""
-        return self.head_linear(h)[0]
+        return self.head_segment(h)[0]
 
     @property
     def nbytes(self) -> int:
         """Bytes of weights this model holds (backend storage + norms), not the mapped file."""
-        total = self.head_linear.nbytes + self.final_norm.nbytes
-        return total + sum(b.nbytes for b in self.blocks)
+        segs = [self.first, self.head_segment, *self.segments]
+        return sum(s.nbytes for s in segs) + sum(
+            (c.q_norm.nbytes + c.k_norm.nbytes) if c.q_norm is not None else 0
+            for c in self.cores)

@@ -1,30 +1,28 @@
-"""The llama family (Llama, Mistral, Qwen2/3, SmolLM2): pre-norm blocks, SwiGLU FFN."""
+"""The llama family (Llama, Mistral, Qwen2/3, SmolLM2): pre-norm blocks, SwiGLU FFN, optional
+q/k/v biases (Qwen2) and q/k norms (Qwen3)."""
 
 from __future__ import annotations
 
-from ..kernels.ops import rms_norm
-from .common import Attention, CausalLM
-
-
-class LlamaBlock:
-    def __init__(self, f, backend, cfg, layer):
-        p = f"blk.{layer}."
-        self.eps = cfg.norm_eps
-        self.attn_norm = f.dense(p + "attn_norm.weight")
-        self.ffn_norm = f.dense(p + "ffn_norm.weight")
-        self.attn = Attention(f, backend, cfg, layer)
-        self.ffn = backend.feed_forward(f, p + "ffn_gate.weight", p + "ffn_up.weight",
-                                        p + "ffn_down.weight", cfg.activation)
-
-    def __call__(self, x, cache, positions):
-        x = x + self.attn(rms_norm(x, self.attn_norm, self.eps), cache, positions)
-        return x + self.ffn(rms_norm(x, self.ffn_norm, self.eps))
-
-    @property
-    def nbytes(self):
-        return self.attn.nbytes + self.ffn.nbytes + self.attn_norm.nbytes + self.ffn_norm.nbytes
+from .common import CausalLM
 
 
 class LlamaModel(CausalLM):
-    def make_block(self, f, backend, cfg, layer):
-        return LlamaBlock(f, backend, cfg, layer)
+    def _bias(self, name: str) -> str | None:
+        return name if name in self.file.tensors else None
+
+    def attention_inputs(self, g, x, layer):
+        p = f"blk.{layer}."
+        h = g.rms_norm(x, p + "attn_norm.weight", self.cfg.norm_eps)
+        return [g.linear(h, p + f"attn_{w}.weight", self._bias(p + f"attn_{w}.bias"))
+                for w in ("q", "k", "v")]
+
+    def feed_forward(self, g, h, layer):
+        p = f"blk.{layer}."
+        gate = g.activation(g.linear(h, p + "ffn_gate.weight"), self.cfg.activation)
+        return g.linear(g.mul(gate, g.linear(h, p + "ffn_up.weight")), p + "ffn_down.weight")
+
+    def layer_tail(self, g, x, attn, layer):
+        p = f"blk.{layer}."
+        x = g.add(x, g.linear(attn, p + "attn_output.weight"))
+        h = g.rms_norm(x, p + "ffn_norm.weight", self.cfg.norm_eps)
+        return g.add(x, self.feed_forward(g, h, layer))
