@@ -75,6 +75,7 @@ class Model:
         self.tokenizer = Tokenizer(self.path)
         self.backend = make_backend(backend, self.threads)
         self._net = build_model(self._file, self.backend, self.config)
+        self._file.release_pages()
         self.kv_cache = kv_cache
         c = self.config
         self._caches = make_kv_caches(kv_cache, c.n_layers, c.n_kv_heads, c.head_dim)

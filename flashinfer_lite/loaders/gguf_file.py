@@ -6,6 +6,7 @@ almost nothing and a row of the embedding can be read without touching the rest.
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -177,6 +178,14 @@ class GGUFFile:
 
     def parameter_count(self) -> int:
         return int(sum(int(np.prod(t.shape)) for t in self.tensors.values()))
+
+    def release_pages(self) -> None:
+        """Drop the file's pages from this process's resident set (they stay in the page cache,
+        and fault back in on the next read): after weights are copied into a backend, the
+        mapping is only read for embedding rows."""
+        mm = getattr(self._reader.data, "_mmap", None) if self._reader is not None else None
+        if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+            mm.madvise(mmap.MADV_DONTNEED)
 
     def close(self) -> None:
         """Drop the reader's mapping (the OS unmaps it once no view is left)."""
