@@ -60,21 +60,7 @@ def _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, defa
                 stop=list(stop))
 
 
-class FriendlyGroup(click.Group):
-    """Turns FlashInferError into one line on stderr and exit status 1."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except FlashInferError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("", err=True)
-            sys.exit(130)
-
-
-@click.group(cls=FriendlyGroup)
+@click.group()
 @click.version_option(package_name="flashinfer-lite")
 def app():
     """Run GGUF language models on memory-constrained personal devices."""
@@ -166,7 +152,22 @@ def inspect(model, as_json):
 
 
 def main():
-    app(prog_name="flashinfer-lite")
+    """Run the app; every user mistake ends as one line on stderr and a non-zero exit."""
+    try:
+        code = app.main(prog_name="flashinfer-lite", standalone_mode=False)
+    except click.UsageError as exc:  # a bad flag or value: click's message, on one line
+        click.echo(f"error: {exc.format_message()}".replace("\n", " "), err=True)
+        sys.exit(2)
+    except click.ClickException as exc:
+        click.echo(f"error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except FlashInferError as exc:
+        click.echo(f"error: {exc}".replace("\n", " "), err=True)
+        sys.exit(1)
+    except (KeyboardInterrupt, click.Abort):
+        click.echo("", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,198 @@
+"""The public API on the real default model: generation paths agree with each other and with
+the prompt path, the cache is reused, stats are reported, chat uses the model's template."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import flashinfer_lite as fl
+from flashinfer_lite.chat_template import ChatTemplate
+
+CLI = str(Path(sys.executable).with_name("flashinfer-lite"))
+PROMPT = "The Python interpreter reads a source file and"
+
+
+def test_load_default_and_describe(smollm2):
+    assert smollm2.path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    c = smollm2.config
+    assert (c.n_layers, c.d_model, c.ffn_dim, c.n_heads, c.n_kv_heads) == (30, 576, 1536, 9, 3)
+
+
+def test_tokenize_roundtrip(smollm2):
+    text = "Memory-constrained devices, naïve café ✓"
+    ids = smollm2.tokenize(text)
+    # SmolLM2's GGUF says add_bos_token = false, and llama.cpp's tokenizer obeys it
+    assert smollm2.tokenizer.bos_id not in ids
+    assert smollm2.detokenize(ids) == text
+
+
+@pytest.fixture(scope="module")
+def smollm2_float(smollm2_path):
+    """The float32 reference backend: exact arithmetic, so cache logic can be checked tightly
+    (ONNX Runtime quantizes activations to int8 with different kernels for one row and for
+    many, which moves logits by ~0.2 on average between the two paths, as llama.cpp's q8 dot
+    products move them from float)."""
+    return fl.load(smollm2_path, backend="numpy")
+
+
+def test_chunked_prefill_matches_single_chunk(smollm2_path, smollm2_float):
+    ids = smollm2_float.tokenize(PROMPT * 6)
+    small = fl.load(smollm2_path, backend="numpy", prefill_chunk=7)
+    a, b = smollm2_float.logits(ids), small.logits(ids)
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-2)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_sliding_window_chunks_match_one_pass(smollm2_path, window):
+    """The window mask and the key slicing of chunked prefill agree with one masked pass."""
+    from flashinfer_lite.kernels.ops import attention
+
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((12, 4, 8)).astype(np.float32)
+    k = rng.standard_normal((2, 12, 8)).astype(np.float32)
+    v = rng.standard_normal((2, 12, 8)).astype(np.float32)
+    pos = np.arange(12)
+    full = attention(q, k, v, pos, pos, 0.3, window)
+    # by hand: softmax over visible keys of each query, heads grouped 2 per KV head
+    for t in range(12):
+        for h in range(4):
+            vis = [j for j in range(t + 1) if window is None or t - j < window]
+            s = k[h // 2, vis] @ q[t, h] * 0.3
+            p = np.exp(s - s.max())
+            p /= p.sum()
+            np.testing.assert_allclose(full[t, h * 8 : h * 8 + 8], p @ v[h // 2, vis],
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_decoding_with_cache_matches_prompt_path(smollm2_float, smollm2):
+    """Greedy tokens produced one at a time through the KV cache are the argmax of the
+    logits of the whole sequence run as one prompt (exactly on the float path; on the int8
+    path at >= 90% of positions)."""
+    for m, need in ((smollm2_float, 1.0), (smollm2, 0.9)):
+        ids = m.tokenize(PROMPT)
+        gen = [c.token for c in m.stream(ids, max_tokens=24) if c.token is not None]
+        assert len(gen) == 24
+        logits = m.logits(ids + gen)
+        rows = logits[len(ids) - 1 : -1]
+        top2 = np.sort(rows, axis=1)[:, -2:]
+        clear = top2[:, 1] - top2[:, 0] > 1e-2  # skip exact float ties
+        agree = (rows.argmax(1) == np.array(gen))[clear].mean()
+        assert agree >= need, (m.backend.name, agree)
+
+
+def test_prefix_is_reused_and_results_unchanged(smollm2):
+    ids = smollm2.tokenize(PROMPT)
+    first = smollm2.generate(ids, max_tokens=8)
+    longer = ids + smollm2.tokenize(" then", add_bos=False)
+    smollm2.generate(longer, max_tokens=8)
+    assert smollm2.stats["prompt_tokens_reused"] >= len(ids)
+    smollm2.reset()
+    assert smollm2.kv_bytes == 0
+    assert smollm2.generate(ids, max_tokens=8) == first
+
+
+def test_stream_text_equals_generate_and_reports_stats(smollm2):
+    chunks = list(smollm2.stream(PROMPT, max_tokens=12))
+    text = "".join(c.text for c in chunks)
+    assert text == smollm2.generate(PROMPT, max_tokens=12)
+    assert chunks[-1].finish_reason in ("length", "stop")
+    s = smollm2.stats
+    for key in ("tokens_per_s", "ttft_s", "peak_rss_bytes", "resident_bytes", "kv_bytes",
+                "flash_bytes_read", "flash_reads", "prompt_tokens", "generated_tokens"):
+        assert key in s, key
+    assert s["generated_tokens"] == 12 and s["tokens_per_s"] > 0 and s["kv_bytes"] > 0
+
+
+def test_stop_string_cuts_output(smollm2):
+    full = smollm2.generate(PROMPT, max_tokens=24)
+    word = full.split()[3]
+    cut = smollm2.generate(PROMPT, max_tokens=24, stop=[word])
+    assert word not in cut and full.startswith(cut)
+
+
+def test_seeded_sampling_reproduces(smollm2):
+    kw = dict(max_tokens=16, temperature=0.9, top_k=40, top_p=0.95, seed=11)
+    a, b = smollm2.generate(PROMPT, **kw), smollm2.generate(PROMPT, **kw)
+    assert a == b
+    others = {smollm2.generate(PROMPT, **{**kw, "seed": s}) for s in range(4)}
+    assert len(others) > 1
+
+
+def test_repeat_penalty_changes_greedy_output(smollm2):
+    prompt = "one two one two one two one two"
+    assert (smollm2.generate(prompt, max_tokens=12) !=
+            smollm2.generate(prompt, max_tokens=12, repeat_penalty=1.5))
+
+
+def test_chat_uses_the_gguf_template_and_reuses_history(smollm2):
+    ids = smollm2.apply_chat_template([{"role": "user", "content": "Hi"}])
+    text = smollm2.tokenizer.decode(ids, special=True)
+    assert "<|im_start|>user\nHi<|im_end|>\n" in text and text.endswith("<|im_start|>assistant\n")
+    history = [{"role": "user", "content": "What is the capital of France?"}]
+    reply = smollm2.chat(history, max_tokens=16)
+    assert "Paris" in reply
+    history += [{"role": "assistant", "content": reply},
+                {"role": "user", "content": "And of Italy?"}]
+    smollm2.chat(history, max_tokens=8)
+    s = smollm2.stats
+    assert s["prompt_tokens_reused"] > 0.5 * s["prompt_tokens"], s
+
+
+def test_gemma_fallback_template():
+    t = ChatTemplate.for_model(None, "gemma3")
+    out = t.render([{"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "Hello!"},
+                    {"role": "user", "content": "Bye"}], bos_token="<bos>")
+    assert out == ("<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n"
+                   "<start_of_turn>model\nHello!<end_of_turn>\n"
+                   "<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n")
+
+
+def test_bad_messages_raise(smollm2):
+    with pytest.raises(fl.InvalidArgumentError):
+        smollm2.chat([{"content": "no role"}])
+
+
+@pytest.mark.parametrize("name", ["smollm2", "gemma3"])
+def test_weights_stay_compact(name, request):
+    """Weights held by the backend stay within 1.3x of the GGUF file (no float32 copies)."""
+    m = request.getfixturevalue(name)
+    ratio = m.resident_bytes / m.path.stat().st_size
+    print(name, f"resident/file = {ratio:.3f}")
+    assert ratio <= 1.3
+
+
+def test_cli_chat_through_a_pipe():
+    proc = subprocess.run(
+        [CLI, "chat", "--temp", "0", "-n", "12"],
+        input="What is the capital of France?\n/stats\n/reset\nSay hi.\n/exit\n",
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout
+    assert '"tokens_per_s"' in proc.stdout  # /stats printed JSON
+    assert "conversation cleared" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_generate_json():
+    import json
+
+    proc = subprocess.run([CLI, "generate", "-p", PROMPT, "-n", "8", "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["stats"]["generated_tokens"] == 8 and len(out["text"]) > 0
+
+
+def test_cli_inspect_json():
+    import json
+
+    proc = subprocess.run([CLI, "inspect", "--json"], capture_output=True, text=True,
+                          timeout=300)
+    out = json.loads(proc.stdout)
+    assert out["architecture"] == "llama" and out["layers"] == 30
+    assert out["quant_types"]["Q4_1"] == 210 and 130e6 < out["parameters"] < 140e6
