@@ -52,19 +52,33 @@ def test_sliding_window_chunks_match_one_pass(smollm2_path, window):
 
     rng = np.random.default_rng(0)
     q = rng.standard_normal((12, 4, 8)).astype(np.float32)
-    k = rng.standard_normal((2, 12, 8)).astype(np.float32)
-    v = rng.standard_normal((2, 12, 8)).astype(np.float32)
+    k = rng.standard_normal((12, 2, 8)).astype(np.float32)  # (S, Hkv, D)
+    v = rng.standard_normal((12, 2, 8)).astype(np.float32)
     pos = np.arange(12)
     full = attention(q, k, v, pos, pos, 0.3, window)
     # by hand: softmax over visible keys of each query, heads grouped 2 per KV head
     for t in range(12):
         for h in range(4):
             vis = [j for j in range(t + 1) if window is None or t - j < window]
-            s = k[h // 2, vis] @ q[t, h] * 0.3
+            s = k[vis, h // 2] @ q[t, h] * 0.3
             p = np.exp(s - s.max())
             p /= p.sum()
-            np.testing.assert_allclose(full[t, h * 8 : h * 8 + 8], p @ v[h // 2, vis],
+            np.testing.assert_allclose(full[t, h * 8 : h * 8 + 8], p @ v[vis, h // 2],
                                        rtol=1e-5, atol=1e-5)
+
+
+def test_onnxruntime_decode_attention_matches_numpy():
+    from flashinfer_lite.kernels.onnxruntime_backend import OnnxRuntimeBackend
+    from flashinfer_lite.kernels.ops import attention
+
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((1, 9, 64)).astype(np.float32)
+    k = rng.standard_normal((300, 3, 64)).astype(np.float16)
+    v = rng.standard_normal((300, 3, 64)).astype(np.float16)
+    pos, k_pos = np.array([299]), np.arange(300)
+    got = OnnxRuntimeBackend(2).attention(q, k, v, pos, k_pos, 0.125)
+    np.testing.assert_allclose(got, attention(q, k, v, pos, k_pos, 0.125), rtol=1e-4,
+                               atol=1e-5)
 
 
 def test_decoding_with_cache_matches_prompt_path(smollm2_float, smollm2):

@@ -21,7 +21,8 @@ class KVCache(ABC):
 
     @abstractmethod
     def update_and_fetch(self, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Append k, v (T, Hkv, D); return all cached keys and values as float32 (Hkv, S, D)."""
+        """Append k, v (T, Hkv, D); return all cached keys and values (S, Hkv, D), contiguous,
+        in the stored dtype (attention kernels convert as they read)."""
 
     @abstractmethod
     def trim(self, n: int) -> int:
@@ -35,7 +36,7 @@ class KVCache(ABC):
     @property
     @abstractmethod
     def state(self) -> tuple[np.ndarray, np.ndarray]:
-        """The cached keys and values (Hkv, offset, D), in their stored dtype."""
+        """The cached keys and values (offset, Hkv, D), in their stored dtype."""
 
 
 class StandardKVCache(KVCache):
@@ -45,30 +46,31 @@ class StandardKVCache(KVCache):
 
     def __init__(self, n_kv_heads: int, head_dim: int, dtype=np.float16):
         self.n_kv_heads, self.head_dim, self.dtype = n_kv_heads, head_dim, np.dtype(dtype)
-        self.keys: np.ndarray | None = None  # (Hkv, capacity, D)
+        # (capacity, Hkv, D): position-major, so the first `offset` rows are one contiguous
+        # block that attention kernels can read without a copy
+        self.keys: np.ndarray | None = None
         self.values: np.ndarray | None = None
         self.offset = 0
 
     def _grow(self, needed: int) -> None:
-        capacity = 0 if self.keys is None else self.keys.shape[1]
+        capacity = 0 if self.keys is None else self.keys.shape[0]
         if needed <= capacity:
             return
         new_cap = ((needed + self.STEP - 1) // self.STEP) * self.STEP
-        shape = (self.n_kv_heads, new_cap, self.head_dim)
+        shape = (new_cap, self.n_kv_heads, self.head_dim)
         keys, values = np.zeros(shape, self.dtype), np.zeros(shape, self.dtype)
         if self.keys is not None:
-            keys[:, : self.offset] = self.keys[:, : self.offset]
-            values[:, : self.offset] = self.values[:, : self.offset]
+            keys[: self.offset] = self.keys[: self.offset]
+            values[: self.offset] = self.values[: self.offset]
         self.keys, self.values = keys, values
 
     def update_and_fetch(self, k, v):
         t = k.shape[0]
         self._grow(self.offset + t)
-        self.keys[:, self.offset : self.offset + t] = k.transpose(1, 0, 2)  # (Hkv, T, D)
-        self.values[:, self.offset : self.offset + t] = v.transpose(1, 0, 2)
+        self.keys[self.offset : self.offset + t] = k
+        self.values[self.offset : self.offset + t] = v
         self.offset += t
-        return (self.keys[:, : self.offset].astype(np.float32),
-                self.values[:, : self.offset].astype(np.float32))
+        return self.keys[: self.offset], self.values[: self.offset]
 
     def trim(self, n: int) -> int:
         n = min(self.offset, n)
@@ -82,9 +84,9 @@ class StandardKVCache(KVCache):
     @property
     def state(self):
         if self.keys is None:
-            empty = np.zeros((self.n_kv_heads, 0, self.head_dim), self.dtype)
+            empty = np.zeros((0, self.n_kv_heads, self.head_dim), self.dtype)
             return empty, empty
-        return self.keys[:, : self.offset], self.values[:, : self.offset]
+        return self.keys[: self.offset], self.values[: self.offset]
 
 
 KV_DTYPES = {"f16": np.float16, "f32": np.float32}

@@ -60,6 +60,12 @@ class Segment(ABC):
 class Backend(ABC):
     name: str
 
+    def attention(self, q, k, v, q_pos, k_pos, scale, window=None) -> np.ndarray:
+        """Causal GQA; see kernels/ops.attention for shapes. Backends may override."""
+        from .ops import attention
+
+        return attention(q, k, v, q_pos, k_pos, scale, window)
+
     @abstractmethod
     def compile(self, f: GGUFFile, fn: SegmentFn, input_widths: Sequence[int]) -> Segment:
         """Build a Segment computing fn(builder, *inputs) for inputs of the given widths."""

@@ -55,19 +55,19 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray,
               k_pos: np.ndarray, scale: float, window: int | None = None) -> np.ndarray:
     """Causal grouped-query attention.
 
-    q (T, H, D) for query positions q_pos (T,); k, v (Hkv, S, D) for key positions k_pos (S,).
-    A key is visible when k_pos <= q_pos and, with a sliding window, q_pos - k_pos < window.
-    Returns (T, H * D).
+    q (T, H, D) for query positions q_pos (T,); k, v (S, Hkv, D), any float dtype, for key
+    positions k_pos (S,). A key is visible when k_pos <= q_pos and, with a sliding window,
+    q_pos - k_pos < window. Returns (T, H * D) float32.
     """
     t, h, d = q.shape
-    hkv, s, _ = k.shape
+    s, hkv, _ = k.shape
     g = h // hkv
+    k = k.astype(np.float32, copy=False).transpose(1, 2, 0)  # (Hkv, D, S)
+    v = v.astype(np.float32, copy=False).transpose(1, 0, 2)  # (Hkv, S, D)
     qg = q.reshape(t, hkv, g, d).transpose(1, 2, 0, 3).reshape(hkv, g * t, d)  # (Hkv, G*T, D)
-    scores = np.matmul(qg, k.transpose(0, 2, 1)) * np.float32(scale)  # (Hkv, G*T, S)
+    scores = np.matmul(qg, k) * np.float32(scale)  # (Hkv, G*T, S)
     scores = scores.reshape(hkv, g, t, s)
-    # A mask is needed only when some query cannot see some key (prefill, or an unsliced
-    # window); one decoding query after its own cached keys sees them all.
-    if t > 1 or k_pos[-1] > q_pos[0] or (window is not None and q_pos[-1] - k_pos[0] >= window):
+    if needs_mask(q_pos, k_pos, window):
         visible = k_pos[None, :] <= q_pos[:, None]  # (T, S)
         if window is not None:
             visible &= (q_pos[:, None] - k_pos[None, :]) < window
@@ -77,6 +77,13 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray,
     scores /= scores.sum(axis=-1, keepdims=True)
     out = np.matmul(scores.reshape(hkv, g * t, s), v)  # (Hkv, G*T, D)
     return out.reshape(hkv, g, t, d).transpose(2, 0, 1, 3).reshape(t, h * d)
+
+
+def needs_mask(q_pos: np.ndarray, k_pos: np.ndarray, window: int | None) -> bool:
+    """False when every query sees every key: one decoding query after its cached keys
+    (with keys outside a sliding window already sliced off)."""
+    return bool(len(q_pos) > 1 or k_pos[-1] > q_pos[0]
+                or (window is not None and q_pos[-1] - k_pos[0] >= window))
 
 
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:

@@ -13,7 +13,7 @@ import numpy as np
 from ..cache.kv import KVCache
 from ..config import ModelConfig
 from ..kernels.base import Backend, GraphBuilder
-from ..kernels.ops import apply_rope, attention, rms_norm, rope_tables
+from ..kernels.ops import apply_rope, rms_norm, rope_tables
 from ..loaders.gguf_file import GGUFFile
 
 
@@ -26,9 +26,9 @@ class AttentionCore:
 
     ROPE_TABLE_STEP = 1024
 
-    def __init__(self, f: GGUFFile, cfg: ModelConfig, layer: int):
+    def __init__(self, f: GGUFFile, cfg: ModelConfig, layer: int, backend: Backend):
         p = f"blk.{layer}."
-        self.cfg = cfg
+        self.cfg, self.backend = cfg, backend
         self.q_norm = optional_dense(f, p + "attn_q_norm.weight")
         self.k_norm = optional_dense(f, p + "attn_k_norm.weight")
         sliding = cfg.is_sliding(layer)
@@ -61,13 +61,14 @@ class AttentionCore:
         qk = apply_rope(np.concatenate([q, k], axis=1), cos, sin, c.rope_type)  # (T, H+Hkv, D)
         q, k = qk[:, : c.n_heads], qk[:, c.n_heads :]
         start = cache.offset
-        keys, values = cache.update_and_fetch(k, v)  # (Hkv, S, D)
-        k_pos = np.arange(keys.shape[1])
+        keys, values = cache.update_and_fetch(k, v)  # (S, Hkv, D)
+        k_pos = np.arange(keys.shape[0])
         if self.window is not None and start > self.window:
             # Keys older than the window are invisible to every query of this chunk: skip them.
             first = start - self.window + 1
-            keys, values, k_pos = keys[:, first:], values[:, first:], k_pos[first:]
-        return attention(q, keys, values, positions, k_pos, c.attn_scale, self.window)
+            keys, values, k_pos = keys[first:], values[first:], k_pos[first:]
+        return self.backend.attention(q, keys, values, positions, k_pos, c.attn_scale,
+                                      self.window)
 
 
 class CausalLM:
@@ -77,7 +78,7 @@ class CausalLM:
         self.file, self.cfg, self.backend = f, cfg, backend
         d, q_width = cfg.d_model, cfg.n_heads * cfg.head_dim
         n = cfg.n_layers
-        self.cores = [AttentionCore(f, cfg, i) for i in range(n)]
+        self.cores = [AttentionCore(f, cfg, i, backend) for i in range(n)]
         self.first = backend.compile(f, lambda g, x: self.attention_inputs(g, x, 0), [d])
         self.segments = [
             backend.compile(f, lambda g, x, a, i=i: self._segment(g, x, a, i), [d, q_width])
