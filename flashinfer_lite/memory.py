@@ -50,6 +50,17 @@ def peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
+def release_freed_memory() -> None:
+    """Return freed heap pages to the OS (glibc keeps them otherwise): after loading, the
+    temporaries of weight conversion are ~40 MB of RSS that nothing uses."""
+    if sys.platform.startswith("linux"):
+        import contextlib
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):  # not glibc (musl): nothing to do
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def format_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if abs(n) < 1000 or unit == "GB":

@@ -21,7 +21,7 @@ from .errors import ContextLengthError, InvalidArgumentError
 from .generate import GenerationChunk, StopMatcher, generate_step
 from .kernels.base import Backend
 from .loaders.gguf_file import GGUFFile
-from .memory import parse_budget, peak_rss_bytes, rss_bytes
+from .memory import parse_budget, peak_rss_bytes, release_freed_memory, rss_bytes
 from .models import build_model
 from .registry import resolve_model
 from .sampling import make_repetition_penalty, make_sampler, validate_sampling
@@ -76,6 +76,7 @@ class Model:
         self.backend = make_backend(backend, self.threads)
         self._net = build_model(self._file, self.backend, self.config)
         self._file.release_pages()
+        release_freed_memory()
         self.kv_cache = kv_cache
         c = self.config
         self._caches = make_kv_caches(kv_cache, c.n_layers, c.n_kv_heads, c.head_dim)
