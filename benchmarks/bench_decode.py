@@ -35,7 +35,9 @@ def child(engine: str, model: str, threads: int, prompt_tokens: int, decode_toke
     topics = pydoc_data.topics.topics
     text = "\n\n".join(topics[k] for k in sorted(topics))[:20000]
     if engine == "flashinfer-lite":
-        import onnxruntime  # noqa: F401  (library code counted in the baseline, as llama_cpp's)
+        # library code counts in the baseline, as it does for llama.cpp's child
+        import llama_cpp  # noqa: F401
+        import onnxruntime  # noqa: F401
 
         import flashinfer_lite as fl
 
@@ -52,6 +54,7 @@ def child(engine: str, model: str, threads: int, prompt_tokens: int, decode_toke
                    decode_s=total - s["ttft_s"], resident_bytes=m.resident_bytes,
                    tokens=[c.token for c in chunks if c.token is not None])
     else:
+        import onnxruntime  # noqa: F401  (imported by flashinfer_lite.memory's callers too)
         from llama_cpp import Llama
 
         from flashinfer_lite.tokenizer import _quiet_stderr
@@ -63,18 +66,25 @@ def child(engine: str, model: str, threads: int, prompt_tokens: int, decode_toke
                         n_ctx=prompt_tokens + decode_tokens + 16, n_batch=512, verbose=False)
         load_s = time.perf_counter() - t0
         ids = llm.tokenize(text.encode())[:prompt_tokens]
+        n_vocab = llm.n_vocab()
+
+        def last_logits():
+            # llama-cpp-python keeps `scores` only with logits_all=True; read llama.cpp's own
+            # buffer (the last evaluated position) as its sampler does
+            return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))
+
         t0 = time.perf_counter()
         llm.eval(ids)
         prefill = time.perf_counter() - t0
         tokens = []
         t1 = time.perf_counter()
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = int(np.argmax(last_logits()))
         for _ in range(decode_tokens):
             tokens.append(tok)
             if len(tokens) == decode_tokens:
                 break
             llm.eval([tok])
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            tok = int(np.argmax(last_logits()))
         decode = time.perf_counter() - t1
         out = dict(prefill_s=prefill, decode_tokens=len(tokens), decode_s=decode,
                    tokens=tokens)
@@ -115,10 +125,12 @@ def main():
         return statistics.median(x[key] for x in runs[e])
 
     summary = {e: {k: med(e, k) for k in ("decode_tokens_per_s", "prefill_tokens_per_s",
-                                           "peak_rss_bytes", "baseline_rss", "load_s")}
+                                           "peak_rss_bytes", "rss_after", "baseline_rss",
+                                           "load_s")}
                for e in engines}
-    for e in engines:
+    for e in engines:  # RSS attributable to the model: at its peak, and once generation ended
         summary[e]["model_rss_bytes"] = summary[e]["peak_rss_bytes"] - summary[e]["baseline_rss"]
+        summary[e]["model_rss_after_bytes"] = summary[e]["rss_after"] - summary[e]["baseline_rss"]
     ours, ref = summary["flashinfer-lite"], summary["llama.cpp"]
     a_tok, b_tok = runs["flashinfer-lite"][0]["tokens"], runs["llama.cpp"][0]["tokens"]
     same = next((i for i, (x, y) in enumerate(zip(a_tok, b_tok, strict=False)) if x != y),
@@ -134,9 +146,13 @@ def main():
             "decode_vs_llama_cpp": ours["decode_tokens_per_s"] / ref["decode_tokens_per_s"],
             "prefill_vs_llama_cpp": ours["prefill_tokens_per_s"] / ref["prefill_tokens_per_s"],
             "model_rss_vs_llama_cpp": ours["model_rss_bytes"] / ref["model_rss_bytes"],
+            "model_rss_after_vs_llama_cpp": ours["model_rss_after_bytes"]
+            / ref["model_rss_after_bytes"],
             "resident_weights_vs_file": runs["flashinfer-lite"][0]["resident_bytes"]
             / runs["flashinfer-lite"][0]["file_bytes"],
             "model_rss_vs_file": ours["model_rss_bytes"] / runs["llama.cpp"][0]["file_bytes"],
+            "model_rss_after_vs_file": ours["model_rss_after_bytes"]
+            / runs["llama.cpp"][0]["file_bytes"],
         },
         "greedy_tokens_equal_until": same,
         "runs": {e: [{k: v for k, v in x.items() if k != "tokens"} for x in runs[e]]

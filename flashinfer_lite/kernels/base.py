@@ -25,8 +25,10 @@ class GraphBuilder(ABC):
     """Operations a segment may use. Values are opaque handles (arrays, or graph names)."""
 
     @abstractmethod
-    def linear(self, x, weight: str, bias: str | None = None):
-        """x (T, K) @ W.T (+ b): W is the GGUF tensor `weight` (N, K)."""
+    def linear(self, x, weight: str, bias: str | None = None,
+               rows: tuple[int, int] | None = None):
+        """x (T, K) @ W.T (+ b): W is the GGUF tensor `weight` (N, K), or its rows
+        [start, stop) when `rows` is given (the output head is compiled in slices)."""
 
     @abstractmethod
     def rms_norm(self, x, weight: str, eps: float): ...

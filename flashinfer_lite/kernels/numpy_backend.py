@@ -25,8 +25,9 @@ class _Eager(GraphBuilder):
             self.weights[name] = np.ascontiguousarray(w.T) if transpose else w
         return self.weights[name]
 
-    def linear(self, x, weight, bias=None):
-        y = x @ self._w(weight, transpose=True)  # stored (K, N)
+    def linear(self, x, weight, bias=None, rows=None):
+        w = self._w(weight, transpose=True)  # stored (K, N)
+        y = x @ (w if rows is None else w[:, rows[0] : rows[1]])
         return y if bias is None else y + self._w(bias)
 
     def rms_norm(self, x, weight, eps):

@@ -66,13 +66,16 @@ class _Tracer(GraphBuilder):
                                             keepdims=0)
         return self._block_sums[key]
 
-    def linear(self, x, weight, bias=None):
+    def linear(self, x, weight, bias=None, rows=None):
         t = self.f.tensor(weight)
         n, k = t.shape
+        start, stop = rows if rows is not None else (0, n)
         if t.qtype in FLOAT_TYPES:
-            y = self.op("MatMul", [x, self.const(self.f.dense(weight).T, "w")])
+            w = self.f.dense(weight)[start:stop]
+            y = self.op("MatMul", [x, self.const(w.T, "w")])
         else:
-            grid = decode_grid(t.qtype, t.raw, (n, k))
+            n = stop - start
+            grid = decode_grid(t.qtype, t.raw[start:stop], (n, k))
             y = self.op(
                 "MatMulNBits",
                 [x, self.const(_pack(grid), "b"), self.const(grid.scale.reshape(-1), "s")],

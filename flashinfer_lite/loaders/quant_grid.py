@@ -142,20 +142,19 @@ def decode_grid(qtype: Q, raw: np.ndarray, shape: tuple[int, int], rows_per_step
     n, k = shape
     per_block, type_size = GGML_QUANT_SIZES[qtype]
     raw = raw.reshape(n, (k // per_block) * type_size)
-    q_parts, s_parts, m_parts = [], [], []
-    bits = block = 0
+    grid = None
     for start in range(0, n, rows_per_step):
         chunk = np.ascontiguousarray(raw[start : start + rows_per_step])
         rows = chunk.shape[0]
-        bits, block, q, s, m = _decode_blocks(qtype, chunk.reshape(-1, type_size))
-        q_parts.append(q.reshape(rows, k))
-        s_parts.append(np.ascontiguousarray(s, np.float32).reshape(rows, k // block))
-        if m is not None:
-            m_parts.append(np.ascontiguousarray(m, np.float32).reshape(rows, k // block))
-    return QuantGrid(
-        bits=bits,
-        block=block,
-        q=np.concatenate(q_parts),
-        scale=np.concatenate(s_parts),
-        minimum=np.concatenate(m_parts) if m_parts else None,
-    )
+        bits, block, q, sc, mn = _decode_blocks(qtype, chunk.reshape(-1, type_size))
+        if grid is None:  # preallocate: slabs are written in place, never concatenated
+            grid = QuantGrid(bits=bits, block=block, q=np.empty((n, k), np.uint8),
+                             scale=np.empty((n, k // block), np.float32),
+                             minimum=None if mn is None else np.empty((n, k // block),
+                                                                       np.float32))
+        grid.q[start : start + rows] = q.reshape(rows, k)
+        grid.scale[start : start + rows] = np.asarray(sc, np.float32).reshape(rows, k // block)
+        if mn is not None:
+            grid.minimum[start : start + rows] = np.asarray(mn, np.float32).reshape(
+                rows, k // block)
+    return grid

@@ -74,18 +74,32 @@ class AttentionCore:
 class CausalLM:
     """Embedding, alternating segments and attention cores, final norm, output head."""
 
+    HEAD_SLICE_ROWS = 32768
+
     def __init__(self, f: GGUFFile, backend: Backend, cfg: ModelConfig):
         self.file, self.cfg, self.backend = f, cfg, backend
         d, q_width = cfg.d_model, cfg.n_heads * cfg.head_dim
         n = cfg.n_layers
         self.cores = [AttentionCore(f, cfg, i, backend) for i in range(n)]
-        self.first = backend.compile(f, lambda g, x: self.attention_inputs(g, x, 0), [d])
+
+        def compile_segment(fn, widths):
+            seg = backend.compile(f, fn, widths)
+            f.release_pages()  # the file's pages read for this segment leave our RSS now
+            return seg
+
+        self.first = compile_segment(lambda g, x: self.attention_inputs(g, x, 0), [d])
         self.segments = [
-            backend.compile(f, lambda g, x, a, i=i: self._segment(g, x, a, i), [d, q_width])
+            compile_segment(lambda g, x, a, i=i: self._segment(g, x, a, i), [d, q_width])
             for i in range(n)
         ]
+        # The head is compiled in vocabulary slices: loading it whole needs several transient
+        # copies of the largest tensor (Gemma 3: 1.4 GB peak RSS for a 253 MB file).
         head = "output.weight" if "output.weight" in f.tensors else "token_embd.weight"
-        self.head_segment = backend.compile(f, lambda g, h: [g.linear(h, head)], [d])
+        bounds = list(range(0, cfg.vocab_size, self.HEAD_SLICE_ROWS)) + [cfg.vocab_size]
+        self.head_slices = [
+            compile_segment(lambda g, h, r=r: [g.linear(h, head, rows=r)], [d])
+            for r in zip(bounds[:-1], bounds[1:], strict=True)
+        ]
 
     # --- supplied by each architecture ------------------------------------------------------
     def attention_inputs(self, g: GraphBuilder, x, layer: int) -> list:
@@ -125,12 +139,14 @@ class CausalLM:
 
     def head(self, h: np.ndarray) -> np.ndarray:
         """(T, d) -> (T, vocab) float32 logits."""
-        return self.head_segment(h)[0]
+        if len(self.head_slices) == 1:
+            return self.head_slices[0](h)[0]
+        return np.concatenate([s(h)[0] for s in self.head_slices], axis=1)
 
     @property
     def nbytes(self) -> int:
         """Bytes of weights this model holds (backend storage + norms), not the mapped file."""
-        segs = [self.first, self.head_segment, *self.segments]
+        segs = [self.first, *self.head_slices, *self.segments]
         return sum(s.nbytes for s in segs) + sum(
             (c.q_norm.nbytes + c.k_norm.nbytes) if c.q_norm is not None else 0
             for c in self.cores)
