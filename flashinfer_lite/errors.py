@@ -35,3 +35,7 @@ class InvalidArgumentError(FlashInferError, ValueError):
 
 class BackendUnavailableError(FlashInferError, RuntimeError):
     """The requested compute backend is not installed or has no usable device."""
+
+
+class BudgetError(FlashInferError, ValueError):
+    """The memory budget cannot hold the model's minimum; the message states the minimum."""

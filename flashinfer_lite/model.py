@@ -20,6 +20,7 @@ from .config import ModelConfig
 from .errors import ContextLengthError, InvalidArgumentError
 from .generate import GenerationChunk, StopMatcher, generate_step
 from .kernels.base import Backend
+from .loaders.flash_format import is_flash_dir, open_flash_dir
 from .loaders.gguf_file import GGUFFile
 from .memory import parse_budget, peak_rss_bytes, release_freed_memory, rss_bytes
 from .models import build_model
@@ -57,7 +58,10 @@ class Model:
 
     def __init__(self, path: Path, backend: str = "auto", kv_cache: str = "f16",
                  memory_budget=None, token_filter=None, ctx_size: int | None = None,
-                 threads: int | None = None, prefill_chunk: int = 256):
+                 threads: int | None = None, prefill_chunk: int = 256,
+                 ffn_share: float | None = None, skip_fraction: float = 0.3,
+                 ffn_mode: str = "ours", neuron_window: int = 5, kv_reserve_tokens: int = 1024,
+                 direct_io: bool = True):
         if token_filter is not None:
             raise InvalidArgumentError(
                 f"token_filter {token_filter!r} is not available yet (only None)")
@@ -65,16 +69,37 @@ class Model:
             raise InvalidArgumentError(f"prefill_chunk must be >= 1; got {prefill_chunk!r}")
         t0 = time.perf_counter()
         self.path = Path(path)
-        self._file = GGUFFile(self.path)
+        self._flash = None
+        manifest = None
+        if is_flash_dir(self.path):
+            manifest = open_flash_dir(self.path)
+            self._file = GGUFFile(manifest.resident_path)
+            model_bytes = manifest.data["source"]["size"]
+        else:
+            self._file = GGUFFile(self.path)
+            model_bytes = self._file.file_size
         self.config = ModelConfig.from_gguf(self._file)
-        self.memory_budget = parse_budget(memory_budget, self._file.file_size)
+        self.memory_budget = parse_budget(memory_budget, model_bytes)
+        if ffn_share is not None and not 0 < ffn_share <= 1:
+            raise InvalidArgumentError(f"ffn_share must be in (0, 1]; got {ffn_share!r}")
+        if manifest is None and (ffn_share is not None or self._needs_flash(model_bytes)):
+            from .flash.convert import ensure_converted
+
+            self.path = ensure_converted(self.path)
+            manifest = open_flash_dir(self.path)
+            self._file = GGUFFile(manifest.resident_path)
         if ctx_size is not None and ctx_size < 1:
             raise InvalidArgumentError(f"ctx_size must be >= 1; got {ctx_size!r}")
         self.n_ctx = min(ctx_size or self.config.context_length, self.config.context_length)
         self.threads = threads or default_threads()
-        self.tokenizer = Tokenizer(self.path)
+        self.tokenizer = Tokenizer(self._file.path)
         self.backend = make_backend(backend, self.threads)
-        self._net = build_model(self._file, self.backend, self.config)
+        ffn = self._run_flash_ffn if manifest is not None else None
+        self._net = build_model(self._file, self.backend, self.config, ffn=ffn)
+        self.plan = None
+        if manifest is not None:
+            self._setup_flash(manifest, ffn_share, skip_fraction, ffn_mode, neuron_window,
+                              kv_reserve_tokens, kv_cache, direct_io)
         self._file.release_pages()
         release_freed_memory()
         self.kv_cache = kv_cache
@@ -88,6 +113,45 @@ class Model:
         self.load_s = time.perf_counter() - t0
         self.stats: dict = {"load_s": self.load_s, **self.memory_report()}
 
+    # ---- flash-resident FFN -----------------------------------------------------------------
+    def _needs_flash(self, model_bytes: int) -> bool:
+        """A budget below what the dense model needs (measured: ~1.2x the file for weights held
+        by ONNX Runtime, plus the KV reserve) switches the FFN to flash."""
+        return self.memory_budget is not None and self.memory_budget < 1.2 * model_bytes
+
+    def _setup_flash(self, manifest, ffn_share, skip_fraction, mode, window, kv_tokens,
+                     kv_cache, direct_io):
+        from .flash.ffn import FlashFFN
+        from .flash.planner import plan
+
+        c, lay = self.config, manifest.layout
+        if ffn_share is not None:
+            capacity = max(1, round(ffn_share * c.ffn_dim))
+        else:
+            budget = self.memory_budget
+            if budget is None:
+                import psutil
+
+                budget = int(psutil.virtual_memory().available * 0.5)
+            kv_per_token = 2 * c.n_layers * c.n_kv_heads * c.head_dim * (
+                2 if kv_cache == "f16" else 4)
+            probe = FlashFFN.bytes_per_neuron(lay)
+            self.plan = plan(budget, self._net.nbytes, kv_per_token, min(kv_tokens, self.n_ctx),
+                             lay.section, probe, c.n_layers, c.ffn_dim)
+            capacity = self.plan.capacity
+        try:
+            self._flash = FlashFFN(manifest, c.activation, capacity, skip_fraction=skip_fraction,
+                                   window=window, mode=mode, threads=max(4, self.threads * 2),
+                                   direct=direct_io)
+        except ValueError as exc:
+            raise InvalidArgumentError(str(exc)) from None
+
+    def _run_flash_ffn(self, layer, h, gate):
+        return self._flash(layer, h, gate)
+
+    def flash_report(self) -> dict:
+        return self._flash.report() if self._flash is not None else {}
+
     # ---- text <-> ids ----------------------------------------------------------------------
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_bos=add_bos)
@@ -98,7 +162,8 @@ class Model:
     # ---- memory ------------------------------------------------------------------------------
     @property
     def resident_bytes(self) -> int:
-        return self._net.nbytes
+        """Weights held in DRAM: the backend's resident part plus the neuron pools."""
+        return self._net.nbytes + (self._flash.nbytes if self._flash is not None else 0)
 
     @property
     def kv_bytes(self) -> int:
@@ -117,6 +182,9 @@ class Model:
 
     def close(self) -> None:
         with self._lock:
+            if self._flash is not None:
+                self._flash.close()
+                self._flash = None
             self._caches, self._cached_ids, self._net = [], [], None
             self._file.close()
 
@@ -210,6 +278,8 @@ class Model:
             stats = {"prompt_tokens": len(ids), "prompt_tokens_reused": reused,
                      "generated_tokens": 0, "backend": self.backend.name,
                      "flash_bytes_read": 0, "flash_reads": 0, "neuron_cache_hit_rate": None}
+            if self._flash is not None:
+                self._flash.reset_counters()
             self.stats = stats
             if max_tokens == 0:
                 self._forward(ids[reused:], all_logits=False)
@@ -250,7 +320,13 @@ class Model:
 
     def _timing(self, t0, t_first, now, n, prefilled):
         ttft = t_first - t0
+        flash = self.flash_report()
+        if flash:
+            steps = max(1, n + prefilled)
+            flash["flash_bytes_per_token"] = flash["flash_bytes_read"] / steps
+            flash["flash_reads_per_token"] = flash["flash_reads"] / steps
         return {
+            **flash,
             "ttft_s": ttft,
             "prefill_tokens": prefilled,
             "prefill_tokens_per_s": prefilled / ttft if ttft > 0 else None,

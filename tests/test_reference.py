@@ -85,7 +85,7 @@ def test_onnxruntime_weight_layout_is_exact(smollm2_path):
     outs = []
     for backend in (NumpyBackend(), OnnxRuntimeBackend(2, accuracy_level=0)):
         model = LlamaModel.__new__(LlamaModel)
-        model.file, model.cfg = f, cfg
+        model.file, model.cfg, model.ffn = f, cfg, None
         seg = backend.compile(f, lambda g, x, a, m=model: m._segment(g, x, a, 4), [576, 576])
         outs.append(seg(x, a))
     for ref, got in zip(*outs, strict=True):

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 
-def build_model(f, backend, cfg):
+def model_class(cfg):
     if cfg.architecture == "gemma3":
         from .gemma3 import Gemma3Model
 
-        return Gemma3Model(f, backend, cfg)
+        return Gemma3Model
     from .llama import LlamaModel
 
-    return LlamaModel(f, backend, cfg)
+    return LlamaModel
+
+
+def build_model(f, backend, cfg, ffn=None):
+    return model_class(cfg)(f, backend, cfg, ffn=ffn)

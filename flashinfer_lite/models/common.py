@@ -3,7 +3,11 @@
 A forward pass alternates two kinds of work per layer (see kernels/base.py):
   segment i  (backend): o-projection of layer i-1, residuals, norms, FFN, q/k/v of layer i
   core i     (numpy):   q/k norms, RoPE, KV cache, softmax attention of layer i
-An architecture supplies `attention_inputs` and `layer_tail` as builder functions.
+An architecture supplies the pieces (attention_inputs, attention_residual, ffn_input,
+feed_forward, ffn_residual) as builder functions.
+
+With an external FFN (flash-resident weights, or a recording one for calibration), each segment
+splits in two around it: [o-projection, residual, FFN norm] -> FFN(h) -> [residual, q/k/v].
 """
 
 from __future__ import annotations
@@ -76,8 +80,11 @@ class CausalLM:
 
     HEAD_SLICE_ROWS = 32768
 
-    def __init__(self, f: GGUFFile, backend: Backend, cfg: ModelConfig):
-        self.file, self.cfg, self.backend = f, cfg, backend
+    def __init__(self, f: GGUFFile, backend: Backend, cfg: ModelConfig, ffn=None):
+        """ffn: None for the dense FFN inside the segments, or a callable
+        (layer, h (T, d), gate (T, ffn)) -> (T, d) that runs the FFN outside them; the gate
+        pre-activations come from the resident gate weight inside the segment."""
+        self.file, self.cfg, self.backend, self.ffn = f, cfg, backend, ffn
         d, q_width = cfg.d_model, cfg.n_heads * cfg.head_dim
         n = cfg.n_layers
         self.cores = [AttentionCore(f, cfg, i, backend) for i in range(n)]
@@ -88,10 +95,16 @@ class CausalLM:
             return seg
 
         self.first = compile_segment(lambda g, x: self.attention_inputs(g, x, 0), [d])
-        self.segments = [
-            compile_segment(lambda g, x, a, i=i: self._segment(g, x, a, i), [d, q_width])
-            for i in range(n)
-        ]
+        if ffn is None:
+            self.segments = [
+                compile_segment(lambda g, x, a, i=i: self._segment(g, x, a, i), [d, q_width])
+                for i in range(n)
+            ]
+        else:
+            self.pre_ffn = [compile_segment(lambda g, x, a, i=i: self._pre_ffn(g, x, a, i),
+                                            [d, q_width]) for i in range(n)]
+            self.post_ffn = [compile_segment(lambda g, x, m, i=i: self._post_ffn(g, x, m, i),
+                                             [d, d]) for i in range(n)]
         # The head is compiled in vocabulary slices: loading it whole needs several transient
         # copies of the largest tensor (Gemma 3: 1.4 GB peak RSS for a 253 MB file).
         head = "output.weight" if "output.weight" in f.tensors else "token_embd.weight"
@@ -106,16 +119,40 @@ class CausalLM:
         """x (T, d) -> [q (T, H*D), k (T, Hkv*D), v (T, Hkv*D)] of `layer`."""
         raise NotImplementedError
 
-    def layer_tail(self, g: GraphBuilder, x, attn, layer: int):
-        """Residual stream x and the attention core's output -> x after the whole layer."""
+    def attention_residual(self, g: GraphBuilder, x, attn, layer: int):
+        """x + (the projected attention output, normed where the arch says)."""
+        raise NotImplementedError
+
+    def ffn_input(self, g: GraphBuilder, x, layer: int):
+        """The FFN's input: the residual stream, normed."""
+        raise NotImplementedError
+
+    def feed_forward(self, g: GraphBuilder, h, layer: int):
+        raise NotImplementedError
+
+    def ffn_residual(self, g: GraphBuilder, x, m, layer: int):
+        """x + (the FFN output m, normed where the arch says)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------------------
-    def _segment(self, g, x, attn, layer):
-        x = self.layer_tail(g, x, attn, layer)
+    def _next(self, g, x, layer):
+        """After layer `layer`: the next layer's q/k/v, or the final norm."""
         if layer + 1 < self.cfg.n_layers:
             return [x, *self.attention_inputs(g, x, layer + 1)]
         return [g.rms_norm(x, "output_norm.weight", self.cfg.norm_eps)]
+
+    def _segment(self, g, x, attn, layer):
+        x = self.attention_residual(g, x, attn, layer)
+        m = self.feed_forward(g, self.ffn_input(g, x, layer), layer)
+        return self._next(g, self.ffn_residual(g, x, m, layer), layer)
+
+    def _pre_ffn(self, g, x, attn, layer):
+        x = self.attention_residual(g, x, attn, layer)
+        h = self.ffn_input(g, x, layer)
+        return [x, h, g.linear(h, f"blk.{layer}.ffn_gate.weight")]
+
+    def _post_ffn(self, g, x, m, layer):
+        return self._next(g, self.ffn_residual(g, x, m, layer), layer)
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         """(T,) token ids -> (T, d) rows read from the mapped file, scaled where the arch says."""
@@ -130,8 +167,13 @@ class CausalLM:
         positions = np.arange(start, start + len(ids))
         x = self.embed(np.asarray(ids, np.int64))
         q, k, v = self.first(x)
-        for core, seg, cache in zip(self.cores, self.segments, caches, strict=True):
-            outs = seg(x, core(q, k, v, cache, positions))
+        for layer, (core, cache) in enumerate(zip(self.cores, caches, strict=True)):
+            attn = core(q, k, v, cache, positions)
+            if self.ffn is None:
+                outs = self.segments[layer](x, attn)
+            else:
+                x, h, gate = self.pre_ffn[layer](x, attn)
+                outs = self.post_ffn[layer](x, self.ffn(layer, h, gate))
             if len(outs) == 1:
                 return outs[0]
             x, q, k, v = outs
@@ -146,7 +188,8 @@ class CausalLM:
     @property
     def nbytes(self) -> int:
         """Bytes of weights this model holds (backend storage + norms), not the mapped file."""
-        segs = [self.first, *self.head_slices, *self.segments]
+        segs = [self.first, *self.head_slices]
+        segs += self.segments if self.ffn is None else [*self.pre_ffn, *self.post_ffn]
         return sum(s.nbytes for s in segs) + sum(
             (c.q_norm.nbytes + c.k_norm.nbytes) if c.q_norm is not None else 0
             for c in self.cores)

@@ -12,9 +12,11 @@ from .llama import LlamaModel
 
 
 class Gemma3Model(LlamaModel):
-    def layer_tail(self, g, x, attn, layer):
-        p, eps = f"blk.{layer}.", self.cfg.norm_eps
+    def attention_residual(self, g, x, attn, layer):
+        p = f"blk.{layer}."
         a = g.linear(attn, p + "attn_output.weight")
-        x = g.add(x, g.rms_norm(a, p + "post_attention_norm.weight", eps))
-        m = self.feed_forward(g, g.rms_norm(x, p + "ffn_norm.weight", eps), layer)
-        return g.add(x, g.rms_norm(m, p + "post_ffw_norm.weight", eps))
+        return g.add(x, g.rms_norm(a, p + "post_attention_norm.weight", self.cfg.norm_eps))
+
+    def ffn_residual(self, g, x, m, layer):
+        p = f"blk.{layer}."
+        return g.add(x, g.rms_norm(m, p + "post_ffw_norm.weight", self.cfg.norm_eps))

@@ -16,13 +16,16 @@ class LlamaModel(CausalLM):
         return [g.linear(h, p + f"attn_{w}.weight", self._bias(p + f"attn_{w}.bias"))
                 for w in ("q", "k", "v")]
 
+    def attention_residual(self, g, x, attn, layer):
+        return g.add(x, g.linear(attn, f"blk.{layer}.attn_output.weight"))
+
+    def ffn_input(self, g, x, layer):
+        return g.rms_norm(x, f"blk.{layer}.ffn_norm.weight", self.cfg.norm_eps)
+
     def feed_forward(self, g, h, layer):
         p = f"blk.{layer}."
         gate = g.activation(g.linear(h, p + "ffn_gate.weight"), self.cfg.activation)
         return g.linear(g.mul(gate, g.linear(h, p + "ffn_up.weight")), p + "ffn_down.weight")
 
-    def layer_tail(self, g, x, attn, layer):
-        p = f"blk.{layer}."
-        x = g.add(x, g.linear(attn, p + "attn_output.weight"))
-        h = g.rms_norm(x, p + "ffn_norm.weight", self.cfg.norm_eps)
-        return g.add(x, self.feed_forward(g, h, layer))
+    def ffn_residual(self, g, x, m, layer):
+        return g.add(x, m)

@@ -1,0 +1,101 @@
+"""A layer's neuron pool: FFN bundles held in DRAM, decoded for the sparse kernel.
+
+Preallocated to `capacity` rows; inserting appends at `count`, deleting moves the last row into
+the freed slot (so the live rows stay 0..count-1 and nothing is reallocated per token).
+`slot_of[neuron]` and `neuron_of[slot]` keep the two directions; `last_used[slot]` drives
+windowing (rows used by the last k tokens are never evicted), and eviction otherwise takes the
+coldest rows (neurons are numbered hot-first in the flash file, so the largest id is coldest).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..loaders.flash_format import BundleLayout
+from ..loaders.quant_grid import decode_grid
+
+
+class NeuronPool:
+    def __init__(self, layout: BundleLayout, capacity: int):
+        from gguf import GGML_QUANT_SIZES
+
+        self.layout, self.capacity = layout, capacity
+        k, d = layout.d_model, layout.d_model
+        probe = decode_grid(layout.up_type, np.zeros((1, layout.up_bytes), np.uint8), (1, k))
+        self.bits, self.block, self.zero = probe.bits, probe.block, probe.zero
+        width = k // 2 if self.bits == 4 else k
+        nb = k // self.block
+        self.up_q = np.zeros((capacity, width), np.uint8)
+        self.up_s = np.zeros((capacity, nb), np.float32)
+        self.up_m = np.zeros((capacity, nb), np.float32)
+        self.dn_q = np.zeros((capacity, d), np.int8)
+        self.dn_s = np.zeros((capacity, d // 32), np.float32)
+        self.d_out = d
+        self.neuron_of = np.full(capacity, -1, np.int64)
+        self.last_used = np.full(capacity, -(1 << 30), np.int64)
+        self.slot_of = np.full(layout.ffn_dim, -1, np.int64)
+        self.count = 0
+        _ = GGML_QUANT_SIZES
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.up_q, self.up_s, self.up_m, self.dn_q, self.dn_s,
+                                      self.neuron_of, self.last_used, self.slot_of))
+
+    def decode_into(self, slots: np.ndarray, raw: np.ndarray) -> None:
+        """Decode bundles raw (n, stride) uint8 into pool rows `slots`."""
+        lay = self.layout
+        n, k = raw.shape[0], lay.d_model
+        grid = decode_grid(lay.up_type, raw[:, : lay.up_bytes], (n, k))
+        q = grid.q
+        self.up_q[slots] = (q[:, 0::2] | (q[:, 1::2] << 4)) if self.bits == 4 else q
+        self.up_s[slots] = grid.scale
+        self.up_m[slots] = 0.0 if grid.minimum is None else grid.minimum
+        blocks = raw[:, lay.up_bytes : lay.up_bytes + lay.down_bytes].reshape(n, -1, 34)
+        self.dn_s[slots] = blocks[:, :, :2].copy().view(np.float16)[..., 0].astype(np.float32)
+        self.dn_q[slots] = blocks[:, :, 2:].copy().view(np.int8).reshape(n, -1)
+
+    def insert(self, neurons: np.ndarray, raw: np.ndarray, step: int) -> np.ndarray:
+        """Append neurons (with their bundles raw (n, stride)); returns their slots."""
+        n = len(neurons)
+        if n == 0:
+            return np.zeros(0, np.int64)
+        if self.count + n > self.capacity:
+            raise ValueError(f"pool full: {self.count} + {n} > {self.capacity}")
+        slots = np.arange(self.count, self.count + n)
+        self.decode_into(slots, raw)
+        self.neuron_of[slots] = neurons
+        self.slot_of[neurons] = slots
+        self.last_used[slots] = step
+        self.count += n
+        return slots
+
+    def delete(self, slots: np.ndarray) -> None:
+        """Remove rows; each hole is filled by moving the current last row into it."""
+        for s in sorted((int(x) for x in slots), reverse=True):  # high first: moves stay valid
+            last = self.count - 1
+            self.slot_of[self.neuron_of[s]] = -1
+            if s != last:
+                for a in (self.up_q, self.up_s, self.up_m, self.dn_q, self.dn_s):
+                    a[s] = a[last]
+                moved = self.neuron_of[last]
+                self.neuron_of[s] = moved
+                self.last_used[s] = self.last_used[last]
+                self.slot_of[moved] = s
+            self.neuron_of[last] = -1
+            self.last_used[last] = -(1 << 30)
+            self.count -= 1
+
+    def evict_for(self, n: int, step: int, window: int) -> int:
+        """Free up to n rows outside the window (coldest first); returns how many were freed."""
+        free = self.capacity - self.count
+        if free >= n:
+            return n
+        live = np.arange(self.count)
+        old = live[self.last_used[: self.count] < step - window + 1]
+        if len(old) == 0:
+            return free
+        need = min(n - free, len(old))
+        coldest = old[np.argsort(-self.neuron_of[old], kind="stable")[:need]]
+        self.delete(coldest)
+        return free + need

@@ -1,0 +1,1 @@
+"""Flash-resident FFN weights: calibration, the neuron store on flash, the sparse FFN."""

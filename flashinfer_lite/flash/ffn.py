@@ -1,0 +1,222 @@
+"""The flash-resident FFN: pick the neurons a token needs, fetch the missing bundles, compute.
+
+Per layer and call, with the resident gate's pre-activations g (T, ffn):
+  a = act(g); predicted contribution s = |a| * w   (w from calibration; see calibration.py)
+  a cold neuron is read and computed when s >= threshold (the skip rule at the chosen skip
+  fraction); a neuron already in the pool is computed when s >= resident_factor * threshold
+  (keeping it costs no I/O, so it is skipped only when nearly silent: cache-conditional routing)
+Modes, for the benchmark's ablation (DESIGN "LLM in a flash"):
+  "naive"  every call reads the layer's whole FFN section and computes every neuron
+  "skip"   the skip rule; active bundles read each call, up row and down column as two reads
+  "cache"  + the neuron pool with windowing (the last `window` tokens' neurons stay)
+  "ours"   + one read per bundle, neighbouring bundles coalesced into large aligned reads
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ..cache.neuron_pool import NeuronPool
+from ..kernels.ops import ACTIVATIONS
+from ..kernels.sparse_ffn import sparse_ffn
+from ..loaders.direct_io import FlashReader, coalesce
+from ..loaders.flash_format import FlashManifest
+
+MODES = ("naive", "skip", "cache", "ours")
+
+
+class FlashFFN:
+    def __init__(self, manifest: FlashManifest, activation: str, capacity: int,
+                 skip_fraction: float = 0.3, window: int = 5, mode: str = "ours",
+                 resident_factor: float = 0.5, coalesce_gap: int = 16384, threads: int = 8,
+                 direct: bool = True):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
+        lay = manifest.layout
+        self.manifest, self.layout, self.mode = manifest, lay, mode
+        self.act = ACTIVATIONS[activation]
+        self.window, self.resident_factor, self.gap = window, resident_factor, coalesce_gap
+        n_layers = manifest.data["n_layers"]
+        self.order = [np.asarray(manifest.layer(i)["order"], np.int64) for i in range(n_layers)]
+        # w in bundle order: bundle j holds neuron order[j]
+        self.weight = [np.asarray(manifest.layer(i)["weight"], np.float32)[self.order[i]]
+                       for i in range(n_layers)]
+        key = f"{skip_fraction:.1f}"
+        if key not in manifest.layer(0)["thresholds"]:
+            raise ValueError(f"skip fraction {skip_fraction} was not calibrated "
+                             f"(have {sorted(manifest.layer(0)['thresholds'])})")
+        self.threshold = [manifest.layer(i)["thresholds"][key] for i in range(n_layers)]
+        self.skip_fraction = skip_fraction
+        cached = mode in ("cache", "ours")
+        self.capacity = min(capacity, lay.ffn_dim) if cached else lay.ffn_dim
+        self.pools = ([NeuronPool(lay, self.capacity) for _ in range(n_layers)] if cached
+                      else None)
+        self.scratch = None if cached else NeuronPool(lay, lay.ffn_dim)
+        self.reader = FlashReader(manifest.ffn_path, lay.section + 2 * 4096 * lay.ffn_dim
+                                  if mode in ("skip", "cache") else lay.section,
+                                  threads=threads, direct=direct)
+        self.step = 0
+        self.stats = {"io_s": 0.0, "mm_s": 0.0, "compute_s": 0.0, "neurons_needed": 0,
+                      "neurons_hit": 0, "neurons_computed": 0, "neuron_slots": 0}
+        if cached:
+            self._warm()
+
+    @staticmethod
+    def bytes_per_neuron(layout) -> int:
+        """Pool bytes one neuron costs (decoded up row + scales + int8 down column)."""
+        probe = NeuronPool(layout, 1)
+        return probe.nbytes - probe.slot_of.nbytes
+
+    # ---- setup -----------------------------------------------------------------------------
+    def _warm(self) -> None:
+        """Fill each pool with its hottest neurons: one sequential read per layer."""
+        lay = self.layout
+        n = self.capacity
+        for i, pool in enumerate(self.pools):
+            off = self.manifest.layer(i)["offset"]
+            length = -(-(n * lay.stride) // 4096) * 4096
+            self.reader.read([(off, length)])
+            raw = self.reader.staging[: n * lay.stride].reshape(n, lay.stride)
+            pool.insert(np.arange(n), raw, step=-(1 << 20))
+        self.reset_counters()
+
+    def reset_counters(self) -> None:
+        self.reader.bytes_read = self.reader.read_calls = 0
+        self.reader.seconds = 0.0
+        for k in self.stats:
+            self.stats[k] = 0 if isinstance(self.stats[k], int) else 0.0
+
+    @property
+    def nbytes(self) -> int:
+        pools = self.pools if self.pools is not None else [self.scratch]
+        return sum(p.nbytes for p in pools) + self.reader.nbytes
+
+    # ---- per call ----------------------------------------------------------------------------
+    def _fetch(self, layer: int, neurons: np.ndarray) -> np.ndarray:
+        """Read bundles `neurons` (bundle indices, sorted) of a layer -> raw (n, stride)."""
+        lay = self.layout
+        base = self.manifest.layer(layer)["offset"]
+        starts = base + neurons * lay.stride
+        if self.mode == "naive":
+            self.reader.read([(base, lay.section)])
+            return self.reader.staging[: lay.ffn_dim * lay.stride].reshape(-1, lay.stride)[
+                neurons]
+        if self.mode == "ours":  # one bundle = one range; neighbours coalesced
+            reads = coalesce(starts, starts + lay.stride, self.gap)
+            dests = self.reader.read(reads)
+            r_off = np.array([o for o, _ in reads])
+            r_dst = np.array(dests)
+            idx = np.searchsorted(r_off, starts, side="right") - 1
+            pos = r_dst[idx] + (starts - r_off[idx])
+            return self.reader.staging[pos[:, None] + np.arange(lay.stride)]
+        # unbundled: the up row and the down column are separate reads
+        up = [(s // 4096 * 4096, 4096 * (-(-(s % 4096 + lay.up_bytes) // 4096))) for s in starts]
+        dn_start = starts + lay.up_bytes
+        dn = [(s // 4096 * 4096, 4096 * (-(-(s % 4096 + lay.down_bytes) // 4096)))
+              for s in dn_start]
+        dests = self.reader.read(up + dn)
+        n = len(neurons)
+        out = np.zeros((n, lay.stride), np.uint8)
+        for j in range(n):
+            a = dests[j] + int(starts[j] % 4096)
+            out[j, : lay.up_bytes] = self.reader.staging[a : a + lay.up_bytes]
+            b = dests[n + j] + int(dn_start[j] % 4096)
+            out[j, lay.up_bytes : lay.up_bytes + lay.down_bytes] = \
+                self.reader.staging[b : b + lay.down_bytes]
+        return out
+
+    def __call__(self, layer: int, h: np.ndarray, gate: np.ndarray) -> np.ndarray:
+        """h (T, d) FFN input, gate (T, ffn) resident gate pre-activations -> (T, d)."""
+        t0 = time.perf_counter()
+        io0 = self.reader.seconds
+        if layer == 0:
+            self.step += h.shape[0]
+        a = self.act(gate[:, self.order[layer]])  # (T, ffn) in bundle order
+        score = np.abs(a) * self.weight[layer]
+        th = self.threshold[layer]
+        pool = self.pools[layer] if self.pools is not None else None
+        if self.mode == "naive":
+            active = np.ones_like(score, dtype=bool)
+        elif pool is not None:
+            resident = pool.slot_of >= 0
+            active = (score >= th) | (resident & (score >= th * self.resident_factor))
+        else:
+            active = score >= th
+        needed = np.nonzero(active.any(0))[0]
+        self.stats["neurons_needed"] += int(active.sum())
+        if pool is not None:
+            hit_slots = pool.slot_of[needed]
+            # mark this step's resident neurons used first, so eviction cannot take them
+            pool.last_used[hit_slots[hit_slots >= 0]] = self.step
+            missing = needed[hit_slots < 0]
+            self.stats["neurons_hit"] += int(active.sum()) - int(active[:, missing].sum())
+            if len(missing):
+                raw = self._fetch(layer, missing)
+                t_mm = time.perf_counter()
+                room = pool.evict_for(len(missing), self.step, self.window)
+                if room < len(missing):  # window full: the coldest misses are computed, not kept
+                    keep, extra = missing[:room], missing[room:]
+                    tmp = NeuronPool(self.layout, len(extra))
+                    tmp.insert(extra, raw[room:], self.step)
+                    raw = raw[:room]
+                    missing = keep
+                else:
+                    tmp = None
+                pool.insert(missing, raw, self.step)
+                self.stats["mm_s"] += time.perf_counter() - t_mm
+            else:
+                tmp = None
+            src = pool
+        else:
+            raw = self._fetch(layer, needed)
+            t_mm = time.perf_counter()
+            self.scratch.count = 0
+            self.scratch.slot_of[:] = -1
+            self.scratch.insert(needed, raw, self.step)
+            self.stats["mm_s"] += time.perf_counter() - t_mm
+            src, tmp = self.scratch, None
+        t_c = time.perf_counter()
+        out = self._compute(h, a, active, src)
+        if tmp is not None:  # neurons that did not fit the pool
+            extra_active = np.zeros_like(active)
+            extra_active[:, tmp.neuron_of[: tmp.count]] = active[:, tmp.neuron_of[: tmp.count]]
+            out += self._compute(h, a, extra_active, tmp)
+        self.stats["compute_s"] += time.perf_counter() - t_c
+        self.stats["neurons_computed"] += int(active.sum())
+        self.stats["neuron_slots"] += active.size
+        self.stats["io_s"] += self.reader.seconds - io0
+        _ = t0
+        return out
+
+    def _compute(self, h, a, active, pool) -> np.ndarray:
+        t = h.shape[0]
+        slots = np.full((t, active.shape[1]), 0, np.int64)
+        coef = np.zeros((t, active.shape[1]), np.float32)
+        counts = np.zeros(t, np.int64)
+        for r in range(t):
+            idx = np.nonzero(active[r] & (pool.slot_of >= 0))[0]
+            counts[r] = len(idx)
+            slots[r, : len(idx)] = pool.slot_of[idx]
+            coef[r, : len(idx)] = a[r, idx]
+        return sparse_ffn(h.astype(np.float32), pool.block, slots, coef, counts, pool)
+
+    # ---- reporting -------------------------------------------------------------------------
+    def report(self) -> dict:
+        s = self.stats
+        return {
+            "flash_bytes_read": self.reader.bytes_read,
+            "flash_reads": self.reader.read_calls,
+            "flash_read_mode": self.reader.mode,
+            "neuron_cache_hit_rate": (s["neurons_hit"] / s["neurons_needed"]
+                                      if self.pools is not None and s["neurons_needed"] else None),
+            "ffn_active_fraction": (s["neurons_computed"] / s["neuron_slots"]
+                                    if s["neuron_slots"] else None),
+            "io_s": s["io_s"], "memory_management_s": s["mm_s"], "compute_s": s["compute_s"],
+            "pool_bytes": self.nbytes, "ffn_mode": self.mode,
+            "skip_fraction": self.skip_fraction,
+        }
+
+    def close(self) -> None:
+        self.reader.close()

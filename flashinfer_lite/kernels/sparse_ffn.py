@@ -1,0 +1,116 @@
+"""The sparse FFN kernel over a neuron pool's rows (numba).
+
+For each token row t and each active pool slot s with gate activation a[t, j]:
+    u = up_row[s] . x[t]                    (4-bit or 8-bit grid, per-block scale + minimum)
+    out[t] += a[t, j] * u * down_col[s]     (int8 Q8_0 column, per-32 scale)
+The pool's rows change every token, so ONNX Runtime (fast on static initializers, slow on
+weights fed as inputs) does not fit; numba compiles this once (cached on disk). Loops are kept
+simple, in float32, with one accumulator per output row, so LLVM vectorizes them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_KERNELS = None
+
+
+def _build():
+    from numba import njit
+
+    @njit(fastmath=True, cache=True, nogil=True)
+    def ffn4(x_even, x_odd, x_sum, slots, coef, counts, up_q, up_s, up_m, zero, dn_q, dn_s,
+             out, c):
+        """4-bit rows: byte i of a block holds elements 2i (low nibble) and 2i+1 (high).
+        out (chunks, T, D): this call sums chunk c's share of each row's slots into out[c]."""
+        nb = up_s.shape[1]
+        half = up_q.shape[1] // nb
+        dblocks = dn_s.shape[1]
+        chunks = out.shape[0]
+        for t in range(x_even.shape[0]):
+            y = out[c, t]
+            for j in range(counts[t] * c // chunks, counts[t] * (c + 1) // chunks):
+                s = slots[t, j]
+                u = np.float32(0.0)
+                for b in range(nb):
+                    acc = np.float32(0.0)
+                    base = b * half
+                    for i in range(half):
+                        byte = up_q[s, base + i]
+                        acc += np.float32(byte & 15) * x_even[t, base + i] + \
+                            np.float32(byte >> 4) * x_odd[t, base + i]
+                    u += up_s[s, b] * (acc - zero * x_sum[t, b]) + up_m[s, b] * x_sum[t, b]
+                a = coef[t, j] * u
+                for b in range(dblocks):
+                    sc = a * dn_s[s, b]
+                    for i in range(32):
+                        y[b * 32 + i] += sc * np.float32(dn_q[s, b * 32 + i])
+
+    @njit(fastmath=True, cache=True, nogil=True)
+    def ffn8(x, x_sum, slots, coef, counts, up_q, up_s, up_m, zero, block, dn_q, dn_s, out,
+             c):
+        """8-bit rows (one byte per element), blocks of `block` elements; out, c as ffn4's."""
+        nb = up_s.shape[1]
+        dblocks = dn_s.shape[1]
+        chunks = out.shape[0]
+        for t in range(x.shape[0]):
+            y = out[c, t]
+            for j in range(counts[t] * c // chunks, counts[t] * (c + 1) // chunks):
+                s = slots[t, j]
+                u = np.float32(0.0)
+                for b in range(nb):
+                    acc = np.float32(0.0)
+                    base = b * block
+                    for i in range(block):
+                        acc += np.float32(up_q[s, base + i]) * x[t, base + i]
+                    u += up_s[s, b] * (acc - zero * x_sum[t, b]) + up_m[s, b] * x_sum[t, b]
+                a = coef[t, j] * u
+                for b in range(dblocks):
+                    sc = a * dn_s[s, b]
+                    for i in range(32):
+                        y[b * 32 + i] += sc * np.float32(dn_q[s, b * 32 + i])
+
+    return ffn4, ffn8
+
+
+def sparse_ffn(x: np.ndarray, block: int, slots: np.ndarray, coef: np.ndarray,
+               counts: np.ndarray, pool, chunks: int = 1) -> np.ndarray:
+    """x (T, K) float32 -> (T, D): sum over each row's active slots (see module docstring)."""
+    global _KERNELS
+    if _KERNELS is None:
+        _KERNELS = _build()
+    ffn4, ffn8 = _KERNELS
+    t, k = x.shape
+    x = np.ascontiguousarray(x, np.float32)
+    x_sum = x.reshape(t, k // block, block).sum(-1)  # (T, nb)
+    out = np.zeros((chunks, t, pool.d_out), np.float32)
+    zero = np.float32(pool.zero)
+    if pool.bits == 4:
+        x_even = np.ascontiguousarray(x[:, 0::2])  # (T, K/2): nibble pairs meet contiguous x
+        x_odd = np.ascontiguousarray(x[:, 1::2])
+
+        def run(c):
+            ffn4(x_even, x_odd, x_sum, slots, coef, counts, pool.up_q, pool.up_s, pool.up_m,
+                 zero, pool.dn_q, pool.dn_s, out, c)
+    else:
+
+        def run(c):
+            ffn8(x, x_sum, slots, coef, counts, pool.up_q, pool.up_s, pool.up_m, zero, block,
+                 pool.dn_q, pool.dn_s, out, c)
+
+    if chunks == 1:
+        run(0)
+    else:  # the kernels release the GIL (nogil): one chunk per thread
+        list(_executor(chunks).map(run, range(chunks)))
+    return out.sum(0)
+
+
+_EXECUTORS: dict[int, object] = {}
+
+
+def _executor(n: int):
+    from concurrent.futures import ThreadPoolExecutor
+
+    if n not in _EXECUTORS:
+        _EXECUTORS[n] = ThreadPoolExecutor(max_workers=n)
+    return _EXECUTORS[n]

@@ -1,0 +1,204 @@
+"""Flash-resident FFN: the converted format, the neuron pool's bookkeeping, the reader, the
+sparse kernel, and bad flash directories."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from gguf.quants import dequantize
+
+import flashinfer_lite as fl
+from flashinfer_lite.cache.neuron_pool import NeuronPool
+from flashinfer_lite.errors import BudgetError, InvalidModelFileError
+from flashinfer_lite.flash.calibration import calibrate
+from flashinfer_lite.kernels.sparse_ffn import sparse_ffn
+from flashinfer_lite.loaders.direct_io import ALIGN, FlashReader, coalesce
+from flashinfer_lite.loaders.flash_format import DOWN_TYPE, convert, open_flash_dir
+from flashinfer_lite.loaders.gguf_file import GGUFFile
+from flashinfer_lite.loaders.quant_grid import decode_grid
+
+
+@pytest.fixture(scope="module")
+def flash_dir(tmp_path_factory, smollm2_path):
+    out = tmp_path_factory.mktemp("flash") / "smollm2.flash"
+    return convert(smollm2_path, out, lambda f: calibrate(f, n_tokens=256))
+
+
+@pytest.fixture(scope="module")
+def manifest(flash_dir):
+    return open_flash_dir(flash_dir)
+
+
+def read_bundles(man, layer, neurons):
+    lay = man.layout
+    data = np.fromfile(man.ffn_path, np.uint8, count=lay.section,
+                       offset=man.layer(layer)["offset"])
+    return data[: lay.ffn_dim * lay.stride].reshape(lay.ffn_dim, lay.stride)[neurons]
+
+
+def test_bundles_round_trip(manifest, smollm2_path):
+    """Up rows are the GGUF's blocks bit-exactly; down columns within Q8_0's error."""
+    f = GGUFFile(smollm2_path)
+    lay = manifest.layout
+    for layer in (0, 17, 29):
+        order = np.asarray(manifest.layer(layer)["order"])
+        assert sorted(order.tolist()) == list(range(lay.ffn_dim))  # a permutation
+        raw = read_bundles(manifest, layer, np.arange(lay.ffn_dim))
+        up = np.asarray(f.tensor(f"blk.{layer}.ffn_up.weight").raw)
+        np.testing.assert_array_equal(raw[:, : lay.up_bytes], up[order])
+        down = f.dense(f"blk.{layer}.ffn_down.weight")  # (d, ffn)
+        cols = dequantize(raw[:, lay.up_bytes : lay.up_bytes + lay.down_bytes], DOWN_TYPE)
+        ref = down.T[order]
+        # Q8_0: error at most half a step of each 32-block's scale (max |x| / 127), plus the
+        # scale's own float16 rounding (2^-11 relative, times |q| <= 127: 0.0625 step)
+        step = np.abs(ref.reshape(lay.ffn_dim, -1, 32)).max(-1, keepdims=True) / 127
+        err = np.abs(cols.reshape(lay.ffn_dim, -1, 32) - ref.reshape(lay.ffn_dim, -1, 32))
+        assert (err <= step * 0.57 + 1e-6).all()
+
+
+def test_hot_neurons_first(manifest):
+    """Calibration order: each layer's first bundles are its most often active neurons, and
+    the predicted set keeps most of the contribution mass at 30% skipped."""
+    kept = manifest.data["calibration"]["contribution_mass_kept"]
+    assert kept["0.3"] > 0.85 and kept["0.1"] > kept["0.3"] > kept["0.5"]
+
+
+def test_pool_insert_delete_keeps_rows_consistent(manifest):
+    lay = manifest.layout
+    pool = NeuronPool(lay, 64)
+    rng = np.random.default_rng(0)
+    raw_all = read_bundles(manifest, 3, np.arange(lay.ffn_dim))
+    neurons = rng.choice(lay.ffn_dim, 64, replace=False)
+    pool.insert(neurons[:40], raw_all[neurons[:40]], step=0)
+    pool.delete(np.array([0, 5, 39, 12]))
+    pool.insert(neurons[40:], raw_all[neurons[40:]], step=1)
+    assert pool.count == 60
+    for s in range(pool.count):  # every live row holds its own neuron's bundle
+        n = pool.neuron_of[s]
+        assert pool.slot_of[n] == s
+        ref = NeuronPool(lay, 1)
+        ref.insert(np.array([n]), raw_all[[n]], 0)
+        np.testing.assert_array_equal(pool.up_q[s], ref.up_q[0])
+        np.testing.assert_array_equal(pool.dn_q[s], ref.dn_q[0])
+    assert (pool.slot_of >= 0).sum() == 60 and (pool.neuron_of[60:] == -1).all()
+    with pytest.raises(ValueError, match="pool full"):
+        pool.insert(neurons[:5], raw_all[neurons[:5]], step=2)
+
+
+def test_pool_window_protects_recent_neurons(manifest):
+    lay = manifest.layout
+    pool = NeuronPool(lay, 8)
+    raw = read_bundles(manifest, 0, np.arange(16))
+    pool.insert(np.arange(8), raw[:8], step=0)
+    pool.last_used[pool.slot_of[[6, 7]]] = 10  # used by the current window
+    freed = pool.evict_for(4, step=10, window=3)
+    assert freed == 4
+    assert pool.slot_of[6] >= 0 and pool.slot_of[7] >= 0  # in the window: kept
+    assert (pool.slot_of[[2, 3, 4, 5]] < 0).all()  # coldest (largest id) outside the window
+    assert (pool.slot_of[[0, 1]] >= 0).all()
+
+
+def test_sparse_kernel_matches_dense(manifest):
+    lay = manifest.layout
+    pool = NeuronPool(lay, 200)
+    raw = read_bundles(manifest, 5, np.arange(200))
+    pool.insert(np.arange(200), raw, 0)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, lay.d_model)).astype(np.float32)
+    slots = np.stack([np.arange(200), np.r_[np.arange(100), np.zeros(100, int)]])
+    counts = np.array([200, 100])
+    coef = rng.standard_normal((2, 200)).astype(np.float32)
+    got = sparse_ffn(x, pool.block, slots, coef, counts, pool)
+    up = decode_grid(lay.up_type, raw[:, : lay.up_bytes], (200, lay.d_model)).dequantize()
+    down = dequantize(raw[:, lay.up_bytes : lay.up_bytes + lay.down_bytes], DOWN_TYPE)
+    for t in range(2):
+        n = counts[t]
+        ref = (coef[t, :n] * (up[:n] @ x[t])) @ down[:n]
+        np.testing.assert_allclose(got[t], ref, rtol=1e-3, atol=1e-3)
+
+
+def test_coalesce_aligns_and_merges():
+    reads = coalesce(np.array([100, 5000, 9000, 100000]), np.array([1100, 6000, 9100, 101000]),
+                     gap=4096)
+    assert all(o % ALIGN == 0 and n % ALIGN == 0 for o, n in reads)
+    assert reads == [(0, 12288), (98304, 4096)]
+
+
+def test_reader_reads_exact_bytes(manifest):
+    r = FlashReader(manifest.ffn_path, 3 * ALIGN, threads=2)
+    dests = r.read([(0, ALIGN), (8 * ALIGN, 2 * ALIGN)])
+    data = manifest.ffn_path.read_bytes()
+    np.testing.assert_array_equal(r.staging[dests[1] : dests[1] + 2 * ALIGN],
+                                  np.frombuffer(data[8 * ALIGN : 10 * ALIGN], np.uint8))
+    assert r.bytes_read == 3 * ALIGN and r.read_calls == 2
+    r.close()
+
+
+def test_flash_model_matches_dense_at_full_share(flash_dir, smollm2_path):
+    """All neurons resident and none skipped: the flash path is the dense model with Q8_0
+    down columns; its greedy text and perplexity stay with the dense model's."""
+    from conftest import topics_text
+
+    from flashinfer_lite.evaluation import perplexity
+
+    dense = fl.load(smollm2_path)
+    flash = fl.load(flash_dir, ffn_share=1.0, skip_fraction=0.1)
+    ids = dense.tokenize(topics_text()[:4000])[:256]
+    p_dense, p_flash = perplexity(dense.logits(ids), ids), perplexity(flash.logits(ids), ids)
+    assert abs(p_flash / p_dense - 1) < 0.03, (p_dense, p_flash)
+    assert flash.generate("The capital of France is", max_tokens=4).strip().startswith("Paris")
+
+
+def test_partial_share_reads_flash_and_stays_close(flash_dir, smollm2_path):
+    """A quarter of the FFN in DRAM: bundles are read (counted), and perplexity stays close."""
+    from conftest import topics_text
+
+    from flashinfer_lite.evaluation import perplexity
+
+    full = fl.load(flash_dir, ffn_share=1.0)
+    quarter = fl.load(flash_dir, ffn_share=0.25)
+    ids = full.tokenize(topics_text()[:4000])[:128]
+    p_full, p_q = perplexity(full.logits(ids), ids), perplexity(quarter.logits(ids), ids)
+    assert abs(p_q / p_full - 1) < 0.01, (p_full, p_q)  # same skip rule: only I/O differs
+    quarter.generate("The capital of France is", max_tokens=8)
+    s = quarter.stats
+    assert s["flash_bytes_read"] > 0 and s["flash_reads"] > 0
+    assert 0 <= s["neuron_cache_hit_rate"] <= 1
+
+
+def test_budget_too_small_states_minimum(flash_dir):
+    with pytest.raises(BudgetError, match="minimum is"):
+        fl.load(flash_dir, memory_budget="20MB")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "manifest", "missing"])
+def test_damaged_flash_dir_is_refused(flash_dir, tmp_path, damage):
+    bad = tmp_path / "bad.flash"
+    shutil.copytree(flash_dir, bad)
+    if damage == "truncate":
+        with open(bad / "ffn.bin", "r+b") as fh:
+            fh.truncate(4096)
+    elif damage == "flip":
+        data = bytearray((bad / "ffn.bin").read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (bad / "ffn.bin").write_bytes(bytes(data))
+    elif damage == "manifest":
+        m = json.loads((bad / "manifest.json").read_text())
+        m["layers"][0]["order"][0], m["layers"][0]["order"][1] = 1, 0
+        (bad / "manifest.json").write_text(json.dumps(m))
+    else:
+        (bad / "resident.gguf").unlink()
+    with pytest.raises(InvalidModelFileError):
+        fl.load(bad, ffn_share=0.5)
+
+
+def test_interrupted_convert_leaves_nothing_loadable(smollm2_path, tmp_path):
+    out = tmp_path / "x.flash"
+
+    def boom(f):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        convert(smollm2_path, out, boom)
+    assert not out.exists() and not list(tmp_path.iterdir())
