@@ -293,10 +293,13 @@ class Model:
             t_first = None
             finish = None
             n = 0
+            self._flash_at_first = None
             try:
                 for token in gen:
                     now = time.perf_counter()
-                    t_first = t_first or now
+                    if t_first is None:
+                        t_first = now
+                        self._flash_at_first = self.flash_report()
                     n += 1
                     stats.update(self._timing(t0, t_first, now, n, len(ids) - reused))
                     if self.tokenizer.is_eog(token):
@@ -321,10 +324,11 @@ class Model:
     def _timing(self, t0, t_first, now, n, prefilled):
         ttft = t_first - t0
         flash = self.flash_report()
-        if flash:
-            steps = max(1, n + prefilled)
-            flash["flash_bytes_per_token"] = flash["flash_bytes_read"] / steps
-            flash["flash_reads_per_token"] = flash["flash_reads"] / steps
+        first = getattr(self, "_flash_at_first", None)
+        if flash and first and n > 1:  # decode only: what each generated token cost
+            for key in ("flash_bytes_read", "flash_reads", "io_s", "memory_management_s",
+                        "compute_s"):
+                flash[f"{key}_per_token"] = (flash[key] - first[key]) / (n - 1)
         return {
             **flash,
             "ttft_s": ttft,

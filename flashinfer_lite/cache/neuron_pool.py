@@ -55,6 +55,18 @@ class NeuronPool:
         self.dn_s[slots] = blocks[:, :, :2].copy().view(np.float16)[..., 0].astype(np.float32)
         self.dn_q[slots] = blocks[:, :, 2:].copy().view(np.int8).reshape(n, -1)
 
+    def dequantize(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows `slots` as float32: up rows (n, K) and down columns (n, D)."""
+        n = len(slots)
+        q = self.up_q[slots]
+        if self.bits == 4:  # (n, K/2) packed -> (n, K)
+            q = np.stack([q & 15, q >> 4], axis=-1).reshape(n, -1)
+        nb = self.up_s.shape[1]
+        up = (q.astype(np.float32).reshape(n, nb, -1) - self.zero) * self.up_s[slots][..., None]
+        up += self.up_m[slots][..., None]
+        down = self.dn_q[slots].astype(np.float32).reshape(n, -1, 32) * self.dn_s[slots][..., None]
+        return up.reshape(n, -1), down.reshape(n, -1)
+
     def insert(self, neurons: np.ndarray, raw: np.ndarray, step: int) -> np.ndarray:
         """Append neurons (with their bundles raw (n, stride)); returns their slots."""
         n = len(neurons)
@@ -71,20 +83,25 @@ class NeuronPool:
         return slots
 
     def delete(self, slots: np.ndarray) -> None:
-        """Remove rows; each hole is filled by moving the current last row into it."""
-        for s in sorted((int(x) for x in slots), reverse=True):  # high first: moves stay valid
-            last = self.count - 1
-            self.slot_of[self.neuron_of[s]] = -1
-            if s != last:
-                for a in (self.up_q, self.up_s, self.up_m, self.dn_q, self.dn_s):
-                    a[s] = a[last]
-                moved = self.neuron_of[last]
-                self.neuron_of[s] = moved
-                self.last_used[s] = self.last_used[last]
-                self.slot_of[moved] = s
-            self.neuron_of[last] = -1
-            self.last_used[last] = -(1 << 30)
-            self.count -= 1
+        """Remove rows; the holes are filled by moving rows from the end (swap-delete, done for
+        all holes at once), so live rows stay 0..count-1."""
+        victims = np.unique(np.asarray(slots, np.int64))
+        n = len(victims)
+        if n == 0:
+            return
+        new_count = self.count - n
+        tail = np.arange(new_count, self.count)
+        movers = tail[~np.isin(tail, victims)]  # live rows past the new end
+        holes = victims[victims < new_count]  # as many as movers
+        self.slot_of[self.neuron_of[victims]] = -1
+        if len(holes):
+            for a in (self.up_q, self.up_s, self.up_m, self.dn_q, self.dn_s, self.neuron_of,
+                      self.last_used):
+                a[holes] = a[movers]
+            self.slot_of[self.neuron_of[holes]] = holes
+        self.neuron_of[tail] = -1
+        self.last_used[tail] = -(1 << 30)
+        self.count = new_count
 
     def evict_for(self, n: int, step: int, window: int) -> int:
         """Free up to n rows outside the window (coldest first); returns how many were freed."""

@@ -28,7 +28,10 @@ def common_model_options(f):
     f = click.option("--kv-cache", default="f16", show_default=True,
                      type=click.Choice(["f16", "f32"]))(f)
     f = click.option("--memory-budget", default=None,
-                     help="e.g. 300MB, 1.5GB, or 0.5 (a fraction of the model file)")(f)
+                     help="e.g. 300MB, 1.5GB, or 0.5 (a fraction of the model file); below "
+                          "what the model needs, FFN weights stay on flash")(f)
+    f = click.option("--ffn-share", type=click.FloatRange(0, 1, min_open=True), default=None,
+                     help="keep this fraction of FFN neurons in DRAM (the rest on flash)")(f)
     return f
 
 
@@ -44,14 +47,14 @@ def sampling_options(f):
     return f
 
 
-def _load(model, backend, threads, ctx_size, kv_cache, memory_budget):
+def _load(model, backend, threads, ctx_size, kv_cache, memory_budget, ffn_share=None):
     from .. import load
 
     budget = memory_budget
     if budget is not None and re.fullmatch(r"0?\.[0-9]+|1(\.0*)?", budget.strip()):
         budget = float(budget)  # a fraction of the model file
     return load(model, memory_budget=budget, backend=backend, kv_cache=kv_cache,
-                ctx_size=ctx_size, threads=threads)
+                ctx_size=ctx_size, threads=threads, ffn_share=ffn_share)
 
 
 def _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, default_temp):
@@ -75,11 +78,11 @@ def app():
 @click.option("--chat-template/--raw", "use_template", default=False,
               help="wrap the prompt as one user turn of the model's chat template")
 @click.option("--json", "as_json", is_flag=True, help="print text and stats as one JSON object")
-def generate(model, backend, threads, ctx_size, kv_cache, memory_budget, temperature, top_k,
-             top_p, min_p, repeat_penalty, seed, stop, prompt, max_tokens, use_template,
+def generate(model, backend, threads, ctx_size, kv_cache, memory_budget, ffn_share, temperature,
+             top_k, top_p, min_p, repeat_penalty, seed, stop, prompt, max_tokens, use_template,
              as_json):
     """One-shot generation from a prompt."""
-    m = _load(model, backend, threads, ctx_size, kv_cache, memory_budget)
+    m = _load(model, backend, threads, ctx_size, kv_cache, memory_budget, ffn_share)
     kw = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, 0.0)
     source = m.apply_chat_template([{"role": "user", "content": prompt}]) if use_template \
         else prompt
@@ -103,12 +106,12 @@ def generate(model, backend, threads, ctx_size, kv_cache, memory_budget, tempera
 @click.option("-n", "--n-predict", "max_tokens", type=click.IntRange(min=1), default=512,
               show_default=True, help="most tokens per reply")
 @click.option("-s", "--system", default=None, help="a system prompt")
-def chat(model, backend, threads, ctx_size, kv_cache, memory_budget, temperature, top_k, top_p,
-         min_p, repeat_penalty, seed, stop, max_tokens, system):
+def chat(model, backend, threads, ctx_size, kv_cache, memory_budget, ffn_share, temperature,
+         top_k, top_p, min_p, repeat_penalty, seed, stop, max_tokens, system):
     """Chat in the terminal (or through a pipe). /reset, /stats, /exit; Ctrl-C stops a reply."""
     from .chat_loop import run_chat
 
-    m = _load(model, backend, threads, ctx_size, kv_cache, memory_budget)
+    m = _load(model, backend, threads, ctx_size, kv_cache, memory_budget, ffn_share)
     kw = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, 0.7)
     run_chat(m, system, max_tokens, kw)
 
@@ -119,11 +122,18 @@ def chat(model, backend, threads, ctx_size, kv_cache, memory_budget, temperature
 def inspect(model, as_json):
     """Architecture, dimensions, parameters, quant types and bytes by tensor group."""
     from ..config import ModelConfig
+    from ..loaders.flash_format import is_flash_dir, open_flash_dir
     from ..loaders.gguf_file import GGUFFile
     from ..memory import format_bytes
     from ..registry import resolve_model
 
-    f = GGUFFile(resolve_model(model))
+    path = resolve_model(model)
+    flash = None
+    if is_flash_dir(path):
+        flash = open_flash_dir(path, verify_data=False)
+        f = GGUFFile(flash.resident_path)
+    else:
+        f = GGUFFile(path)
     cfg = ModelConfig.from_gguf(f)
     info = {
         "path": str(f.path), "name": cfg.name, "architecture": cfg.architecture,
@@ -135,6 +145,12 @@ def inspect(model, as_json):
         "bytes_by_group": f.bytes_by_group(),
         "chat_template": bool(f.get("tokenizer.chat_template")),
     }
+    if flash is not None:
+        info["path"] = str(path)
+        info["flash"] = {"bundle_bytes": flash.layout.stride,
+                         "ffn_bytes_on_flash": flash.ffn_path.stat().st_size,
+                         "up_type": flash.layout.up_type.name, "down_type": "Q8_0",
+                         "calibration": flash.data["calibration"]}
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -149,6 +165,43 @@ def inspect(model, as_json):
         elif key == "parameters":
             value = f"{value / 1e6:.1f} M"
         click.echo(f"{key:>16}: {value}")
+
+
+@app.command()
+@click.argument("model")
+@click.option("-o", "--output", "out", required=False, default=None,
+              help="output directory (default: MODEL's stem + .flash next to it)")
+@click.option("--force", is_flag=True, help="replace OUT if it exists")
+@click.option("--verify", is_flag=True,
+              help="check OUT's checksums and that its bundles decode to the GGUF's weights")
+@click.option("--calibration-tokens", type=click.IntRange(min=16), default=512,
+              show_default=True)
+def convert(model, out, force, verify, calibration_tokens):
+    """Convert a GGUF to the flash format (FFN bundles on flash, the rest resident)."""
+    from pathlib import Path
+
+    from ..flash.calibration import calibrate
+    from ..flash.convert import progress_line
+    from ..flash.verify import verify_flash_dir
+    from ..loaders.flash_format import convert as do_convert
+    from ..loaders.flash_format import is_flash_dir
+    from ..registry import resolve_model
+
+    src = resolve_model(model)
+    dest = Path(out) if out else src.with_suffix(".flash")
+    if is_flash_dir(src):  # `convert --verify DIR`
+        if not verify:
+            raise click.UsageError(f"{src} is already converted (add --verify to check it)")
+        dest, src = src, None
+    elif not (verify and dest.exists() and not force):
+        if dest.exists() and not force:
+            raise click.UsageError(f"{dest} exists (use --force to replace it)")
+        do_convert(src, dest, lambda f: calibrate(f, calibration_tokens),
+                   progress=progress_line, force=force)
+        click.echo(f"wrote {dest}")
+    if verify:
+        report = verify_flash_dir(dest, src)
+        click.echo(f"verified {dest}: {report}")
 
 
 def main():

@@ -192,6 +192,8 @@ class FlashFFN:
 
     def _compute(self, h, a, active, pool) -> np.ndarray:
         t = h.shape[0]
+        if t >= self.DENSE_ROWS:
+            return self._compute_rows_dense(h, a, active, pool)
         slots = np.full((t, active.shape[1]), 0, np.int64)
         coef = np.zeros((t, active.shape[1]), np.float32)
         counts = np.zeros(t, np.int64)
@@ -201,6 +203,18 @@ class FlashFFN:
             slots[r, : len(idx)] = pool.slot_of[idx]
             coef[r, : len(idx)] = a[r, idx]
         return sparse_ffn(h.astype(np.float32), pool.block, slots, coef, counts, pool)
+
+    DENSE_ROWS = 8
+
+    def _compute_rows_dense(self, h, a, active, pool) -> np.ndarray:
+        """Prefill: many rows share almost every neuron, so dequantize the union once and use
+        BLAS (per-row sparse loops would redo the up-row dot products for every row)."""
+        union = np.nonzero(active.any(0) & (pool.slot_of >= 0))[0]
+        if len(union) == 0:
+            return np.zeros((h.shape[0], pool.d_out), np.float32)
+        up, down = pool.dequantize(pool.slot_of[union])  # (n, K), (n, D)
+        coef = np.where(active[:, union], a[:, union], 0.0).astype(np.float32)  # (T, n)
+        return (coef * (h.astype(np.float32) @ up.T)) @ down
 
     # ---- reporting -------------------------------------------------------------------------
     def report(self) -> dict:
