@@ -60,6 +60,7 @@ class Model:
                  memory_budget=None, token_filter=None, ctx_size: int | None = None,
                  threads: int | None = None, prefill_chunk: int = 256,
                  ffn_share: float | None = None, skip_fraction: float = 0.3,
+                 cold_skip_fraction: float | None = None, coalesce_gap: int = 4096,
                  ffn_mode: str = "ours", neuron_window: int = 5, kv_reserve_tokens: int = 1024,
                  direct_io: bool = True):
         if token_filter is not None:
@@ -99,7 +100,8 @@ class Model:
         self.plan = None
         if manifest is not None:
             self._setup_flash(manifest, ffn_share, skip_fraction, ffn_mode, neuron_window,
-                              kv_reserve_tokens, kv_cache, direct_io)
+                              kv_reserve_tokens, kv_cache, direct_io, cold_skip_fraction,
+                              coalesce_gap)
         self._file.release_pages()
         release_freed_memory()
         self.kv_cache = kv_cache
@@ -120,7 +122,7 @@ class Model:
         return self.memory_budget is not None and self.memory_budget < 1.2 * model_bytes
 
     def _setup_flash(self, manifest, ffn_share, skip_fraction, mode, window, kv_tokens,
-                     kv_cache, direct_io):
+                     kv_cache, direct_io, cold_skip_fraction, coalesce_gap):
         from .flash.ffn import FlashFFN
         from .flash.planner import plan
 
@@ -141,8 +143,9 @@ class Model:
             capacity = self.plan.capacity
         try:
             self._flash = FlashFFN(manifest, c.activation, capacity, skip_fraction=skip_fraction,
-                                   window=window, mode=mode, threads=max(4, self.threads * 2),
-                                   direct=direct_io)
+                                   cold_skip_fraction=cold_skip_fraction,
+                                   coalesce_gap=coalesce_gap, window=window, mode=mode,
+                                   threads=max(4, self.threads * 2), direct=direct_io)
         except ValueError as exc:
             raise InvalidArgumentError(str(exc)) from None
 

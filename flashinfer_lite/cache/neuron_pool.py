@@ -37,10 +37,13 @@ class NeuronPool:
         self.count = 0
         _ = GGML_QUANT_SIZES
 
+    def _arrays(self):
+        return (self.up_q, self.up_s, self.up_m, self.dn_q, self.dn_s)
+
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.up_q, self.up_s, self.up_m, self.dn_q, self.dn_s,
-                                      self.neuron_of, self.last_used, self.slot_of))
+        return sum(a.nbytes for a in (*self._arrays(), self.neuron_of, self.last_used,
+                                      self.slot_of))
 
     def decode_into(self, slots: np.ndarray, raw: np.ndarray) -> None:
         """Decode bundles raw (n, stride) uint8 into pool rows `slots`."""
@@ -95,8 +98,7 @@ class NeuronPool:
         holes = victims[victims < new_count]  # as many as movers
         self.slot_of[self.neuron_of[victims]] = -1
         if len(holes):
-            for a in (self.up_q, self.up_s, self.up_m, self.dn_q, self.dn_s, self.neuron_of,
-                      self.last_used):
+            for a in (*self._arrays(), self.neuron_of, self.last_used):
                 a[holes] = a[movers]
             self.slot_of[self.neuron_of[holes]] = holes
         self.neuron_of[tail] = -1
@@ -116,3 +118,38 @@ class NeuronPool:
         coldest = old[np.argsort(-self.neuron_of[old], kind="stable")[:need]]
         self.delete(coldest)
         return free + need
+
+
+class RawNeuronPool(NeuronPool):
+    """A pool that keeps bundles exactly as on flash (see kernels/bundle_ffn.py): inserting is a
+    copy, the kernel decodes as it goes, and a neuron costs its flash bytes of DRAM."""
+
+    def __init__(self, layout: BundleLayout, capacity: int):
+        self.layout, self.capacity = layout, capacity
+        self.raw = np.zeros((capacity, layout.stride), np.uint8)
+        self.d_out = layout.d_model
+        self.neuron_of = np.full(capacity, -1, np.int64)
+        self.last_used = np.full(capacity, -(1 << 30), np.int64)
+        self.slot_of = np.full(layout.ffn_dim, -1, np.int64)
+        self.count = 0
+
+    def _arrays(self):
+        return (self.raw,)
+
+    @property
+    def nbytes(self) -> int:
+        return self.raw.nbytes + self.neuron_of.nbytes + self.last_used.nbytes + \
+            self.slot_of.nbytes
+
+    def decode_into(self, slots: np.ndarray, raw: np.ndarray) -> None:
+        self.raw[slots] = raw
+
+    def dequantize(self, slots):
+        from gguf.quants import dequantize
+
+        from ..loaders.flash_format import DOWN_TYPE
+
+        lay, rows = self.layout, self.raw[slots]
+        up = dequantize(rows[:, : lay.up_bytes], lay.up_type).reshape(len(slots), -1)
+        down = dequantize(rows[:, lay.up_bytes : lay.up_bytes + lay.down_bytes], DOWN_TYPE)
+        return up.astype(np.float32), down.reshape(len(slots), -1).astype(np.float32)

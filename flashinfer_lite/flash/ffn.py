@@ -2,9 +2,9 @@
 
 Per layer and call, with the resident gate's pre-activations g (T, ffn):
   a = act(g); predicted contribution s = |a| * w   (w from calibration; see calibration.py)
-  a cold neuron is read and computed when s >= threshold (the skip rule at the chosen skip
-  fraction); a neuron already in the pool is computed when s >= resident_factor * threshold
-  (keeping it costs no I/O, so it is skipped only when nearly silent: cache-conditional routing)
+  a neuron already in the pool is computed when s >= the threshold of `skip_fraction`; a cold
+  one (not in DRAM) only when s >= the higher threshold of `cold_skip_fraction`: reading costs
+  I/O, computing a resident one does not (cache-conditional routing)
 Modes, for the benchmark's ablation (DESIGN "LLM in a flash"):
   "naive"  every call reads the layer's whole FFN section and computes every neuron
   "skip"   the skip rule; active bundles read each call, up row and down column as two reads
@@ -18,7 +18,8 @@ import time
 
 import numpy as np
 
-from ..cache.neuron_pool import NeuronPool
+from ..cache.neuron_pool import NeuronPool, RawNeuronPool
+from ..kernels.bundle_ffn import RAW_UP_TYPES, bundle_ffn
 from ..kernels.ops import ACTIVATIONS
 from ..kernels.sparse_ffn import sparse_ffn
 from ..loaders.direct_io import FlashReader, coalesce
@@ -30,30 +31,29 @@ MODES = ("naive", "skip", "cache", "ours")
 class FlashFFN:
     def __init__(self, manifest: FlashManifest, activation: str, capacity: int,
                  skip_fraction: float = 0.3, window: int = 5, mode: str = "ours",
-                 resident_factor: float = 0.5, coalesce_gap: int = 16384, threads: int = 8,
-                 direct: bool = True):
+                 cold_skip_fraction: float | None = None, coalesce_gap: int = 4096,
+                 threads: int = 8, direct: bool = True):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
         lay = manifest.layout
         self.manifest, self.layout, self.mode = manifest, lay, mode
         self.act = ACTIVATIONS[activation]
-        self.window, self.resident_factor, self.gap = window, resident_factor, coalesce_gap
+        self.window, self.gap = window, coalesce_gap
         n_layers = manifest.data["n_layers"]
         self.order = [np.asarray(manifest.layer(i)["order"], np.int64) for i in range(n_layers)]
         # w in bundle order: bundle j holds neuron order[j]
         self.weight = [np.asarray(manifest.layer(i)["weight"], np.float32)[self.order[i]]
                        for i in range(n_layers)]
-        key = f"{skip_fraction:.1f}"
-        if key not in manifest.layer(0)["thresholds"]:
-            raise ValueError(f"skip fraction {skip_fraction} was not calibrated "
-                             f"(have {sorted(manifest.layer(0)['thresholds'])})")
-        self.threshold = [manifest.layer(i)["thresholds"][key] for i in range(n_layers)]
-        self.skip_fraction = skip_fraction
+        cold = skip_fraction if cold_skip_fraction is None else cold_skip_fraction
+        self.threshold = self._thresholds(manifest, skip_fraction)
+        self.cold_threshold = self._thresholds(manifest, max(cold, skip_fraction))
+        self.skip_fraction, self.cold_skip_fraction = skip_fraction, max(cold, skip_fraction)
         cached = mode in ("cache", "ours")
         self.capacity = min(capacity, lay.ffn_dim) if cached else lay.ffn_dim
-        self.pools = ([NeuronPool(lay, self.capacity) for _ in range(n_layers)] if cached
+        self.pool_class = RawNeuronPool if lay.up_type in RAW_UP_TYPES else NeuronPool
+        self.pools = ([self.pool_class(lay, self.capacity) for _ in range(n_layers)] if cached
                       else None)
-        self.scratch = None if cached else NeuronPool(lay, lay.ffn_dim)
+        self.scratch = None if cached else self.pool_class(lay, lay.ffn_dim)
         self.reader = FlashReader(manifest.ffn_path, lay.section + 2 * 4096 * lay.ffn_dim
                                   if mode in ("skip", "cache") else lay.section,
                                   threads=threads, direct=direct)
@@ -64,9 +64,18 @@ class FlashFFN:
             self._warm()
 
     @staticmethod
+    def _thresholds(manifest, fraction: float) -> list[float]:
+        key = f"{fraction:.1f}"
+        if key not in manifest.layer(0)["thresholds"]:
+            raise ValueError(f"skip fraction {fraction} was not calibrated "
+                             f"(have {sorted(manifest.layer(0)['thresholds'])})")
+        return [manifest.layer(i)["thresholds"][key] for i in range(manifest.data["n_layers"])]
+
+    @staticmethod
     def bytes_per_neuron(layout) -> int:
         """Pool bytes one neuron costs (decoded up row + scales + int8 down column)."""
-        probe = NeuronPool(layout, 1)
+        cls = RawNeuronPool if layout.up_type in RAW_UP_TYPES else NeuronPool
+        probe = cls(layout, 1)
         return probe.nbytes - probe.slot_of.nbytes
 
     # ---- setup -----------------------------------------------------------------------------
@@ -104,7 +113,7 @@ class FlashFFN:
             return self.reader.staging[: lay.ffn_dim * lay.stride].reshape(-1, lay.stride)[
                 neurons]
         if self.mode == "ours":  # one bundle = one range; neighbours coalesced
-            reads = coalesce(starts, starts + lay.stride, self.gap)
+            reads = coalesce(starts, starts + lay.stride, self.gap, self.reader.align)
             dests = self.reader.read(reads)
             r_off = np.array([o for o, _ in reads])
             r_dst = np.array(dests)
@@ -112,17 +121,17 @@ class FlashFFN:
             pos = r_dst[idx] + (starts - r_off[idx])
             return self.reader.staging[pos[:, None] + np.arange(lay.stride)]
         # unbundled: the up row and the down column are separate reads
-        up = [(s // 4096 * 4096, 4096 * (-(-(s % 4096 + lay.up_bytes) // 4096))) for s in starts]
+        al = self.reader.align
+        up = [(s // al * al, al * (-(-(s % al + lay.up_bytes) // al))) for s in starts]
         dn_start = starts + lay.up_bytes
-        dn = [(s // 4096 * 4096, 4096 * (-(-(s % 4096 + lay.down_bytes) // 4096)))
-              for s in dn_start]
+        dn = [(s // al * al, al * (-(-(s % al + lay.down_bytes) // al))) for s in dn_start]
         dests = self.reader.read(up + dn)
         n = len(neurons)
         out = np.zeros((n, lay.stride), np.uint8)
         for j in range(n):
-            a = dests[j] + int(starts[j] % 4096)
+            a = dests[j] + int(starts[j] % al)
             out[j, : lay.up_bytes] = self.reader.staging[a : a + lay.up_bytes]
-            b = dests[n + j] + int(dn_start[j] % 4096)
+            b = dests[n + j] + int(dn_start[j] % al)
             out[j, lay.up_bytes : lay.up_bytes + lay.down_bytes] = \
                 self.reader.staging[b : b + lay.down_bytes]
         return out
@@ -135,15 +144,15 @@ class FlashFFN:
             self.step += h.shape[0]
         a = self.act(gate[:, self.order[layer]])  # (T, ffn) in bundle order
         score = np.abs(a) * self.weight[layer]
-        th = self.threshold[layer]
+        th, th_cold = self.threshold[layer], self.cold_threshold[layer]
         pool = self.pools[layer] if self.pools is not None else None
         if self.mode == "naive":
             active = np.ones_like(score, dtype=bool)
         elif pool is not None:
             resident = pool.slot_of >= 0
-            active = (score >= th) | (resident & (score >= th * self.resident_factor))
+            active = np.where(resident, score >= th, score >= th_cold)
         else:
-            active = score >= th
+            active = score >= th_cold
         needed = np.nonzero(active.any(0))[0]
         self.stats["neurons_needed"] += int(active.sum())
         if pool is not None:
@@ -158,7 +167,7 @@ class FlashFFN:
                 room = pool.evict_for(len(missing), self.step, self.window)
                 if room < len(missing):  # window full: the coldest misses are computed, not kept
                     keep, extra = missing[:room], missing[room:]
-                    tmp = NeuronPool(self.layout, len(extra))
+                    tmp = self.pool_class(self.layout, len(extra))
                     tmp.insert(extra, raw[room:], self.step)
                     raw = raw[:room]
                     missing = keep
@@ -202,6 +211,8 @@ class FlashFFN:
             counts[r] = len(idx)
             slots[r, : len(idx)] = pool.slot_of[idx]
             coef[r, : len(idx)] = a[r, idx]
+        if isinstance(pool, RawNeuronPool):
+            return bundle_ffn(h, slots, coef, counts, pool)
         return sparse_ffn(h.astype(np.float32), pool.block, slots, coef, counts, pool)
 
     DENSE_ROWS = 8
@@ -229,7 +240,7 @@ class FlashFFN:
                                     if s["neuron_slots"] else None),
             "io_s": s["io_s"], "memory_management_s": s["mm_s"], "compute_s": s["compute_s"],
             "pool_bytes": self.nbytes, "ffn_mode": self.mode,
-            "skip_fraction": self.skip_fraction,
+            "skip_fraction": self.skip_fraction, "cold_skip_fraction": self.cold_skip_fraction,
         }
 
     def close(self) -> None:

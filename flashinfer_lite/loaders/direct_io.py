@@ -3,8 +3,9 @@
 O_DIRECT on Linux and F_NOCACHE on macOS keep the OS page cache from holding (and double-
 counting) what the neuron pool already holds; where neither works (a filesystem that refuses
 O_DIRECT, such as tmpfs) reads fall back to plain buffered reads and `mode` says so.
-Direct I/O needs offsets, lengths and buffer addresses aligned to the device block; we align to
-4 KiB and read into one preallocated anonymous mapping (page-aligned), so no read allocates.
+Direct I/O needs offsets, lengths and buffer addresses aligned to the device's logical block
+(probed: 512 B or 4 KiB); reads land in one preallocated anonymous mapping (page-aligned), so
+no read allocates.
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ import numpy as np
 ALIGN = 4096
 
 
-def coalesce(starts: np.ndarray, ends: np.ndarray, gap: int) -> list[tuple[int, int]]:
-    """Sorted byte ranges -> ALIGN-aligned (offset, length) reads, merging ranges whose aligned
+def coalesce(starts: np.ndarray, ends: np.ndarray, gap: int,
+             align: int = ALIGN) -> list[tuple[int, int]]:
+    """Sorted byte ranges -> `align`-aligned (offset, length) reads, merging ranges whose aligned
     extents are within `gap` bytes of each other (reading the gap is cheaper than a call)."""
     if len(starts) == 0:
         return []
-    a = (np.asarray(starts) // ALIGN) * ALIGN
-    b = -(-np.asarray(ends) // ALIGN) * ALIGN
+    a = (np.asarray(starts) // align) * align
+    b = -(-np.asarray(ends) // align) * align
     reads = []
     cur_a, cur_b = int(a[0]), int(b[0])
     for s, e in zip(a[1:].tolist(), b[1:].tolist(), strict=True):
@@ -41,6 +43,8 @@ def coalesce(starts: np.ndarray, ends: np.ndarray, gap: int) -> list[tuple[int, 
 
 class FlashReader:
     """Reads aligned ranges of one file into a reusable staging buffer, on a thread pool."""
+
+    PIECE = 256 * 1024
 
     def __init__(self, path, staging_bytes: int, threads: int = 8, direct: bool = True):
         self.path = str(path)
@@ -62,10 +66,23 @@ class FlashReader:
         self.capacity = -(-staging_bytes // ALIGN) * ALIGN
         self._buf = mmap.mmap(-1, self.capacity)  # anonymous: page-aligned
         self.staging = np.frombuffer(self._buf, np.uint8)
+        self.align = self._probe_alignment()
         self._pool = ThreadPoolExecutor(max_workers=threads) if threads > 1 else None
         self.bytes_read = 0
         self.read_calls = 0
         self.seconds = 0.0
+
+    def _probe_alignment(self) -> int:
+        """The finest granularity direct reads accept here: the device's logical block (512 B
+        on this disk) lets a 1 KiB bundle be read alone instead of dragging in its 4 KiB
+        page's neighbours; where 512 is refused, 4 KiB."""
+        if self.mode != "O_DIRECT":
+            return 512
+        try:
+            os.preadv(self.fd, [memoryview(self._buf)[512:1024]], 512)
+            return 512
+        except OSError:
+            return ALIGN
 
     def _read_one(self, offset: int, length: int, dest: int) -> int:
         view = memoryview(self._buf)[dest : dest + length]
@@ -84,13 +101,18 @@ class FlashReader:
             pos += length
         if pos > self.capacity:
             raise ValueError(f"{pos} bytes of reads exceed the {self.capacity}-byte staging")
+        # Large reads go out as PIECE-sized pieces in parallel: one 1.5 MB O_DIRECT read runs
+        # at ~0.75 GB/s here, 256 KiB pieces on several threads at ~1.4 GB/s (DESIGN.md).
+        jobs = []
+        for (off, length), d in zip(reads, dests, strict=True):
+            for p in range(0, length, self.PIECE):
+                jobs.append((off + p, min(self.PIECE, length - p), d + p))
         t0 = time.perf_counter()
-        if self._pool is not None and len(reads) > 1:
-            list(self._pool.map(lambda r: self._read_one(*r[0], r[1]), zip(reads, dests,
-                                                                             strict=True)))
+        if self._pool is not None and len(jobs) > 1:
+            list(self._pool.map(lambda j: self._read_one(*j), jobs))
         else:
-            for (off, length), d in zip(reads, dests, strict=True):
-                self._read_one(off, length, d)
+            for j in jobs:
+                self._read_one(*j)
         self.seconds += time.perf_counter() - t0
         self.bytes_read += pos
         self.read_calls += len(reads)
