@@ -1,0 +1,84 @@
+"""Does the process stay within the memory budget? For each budget: a fresh child loads the
+model with `memory_budget`, generates, and reports peak RSS minus its own baseline (the
+interpreter with numpy, ONNX Runtime, llama.cpp's library and the compiled numba kernels loaded,
+before any model byte is read).
+
+    python benchmarks/bench_budget.py [--model smollm2-135m] [--budgets 120MB 150MB 200MB]
+
+Writes benchmarks/results/budget_<model>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def child(model: str, budget: str, tokens: int):
+    import llama_cpp  # noqa: F401
+    import numpy as np
+    import onnxruntime  # noqa: F401
+
+    from flashinfer_lite.flash.convert import ensure_converted
+    from flashinfer_lite.kernels.bundle_ffn import _build
+    from flashinfer_lite.memory import peak_rss_bytes, release_freed_memory, rss_bytes
+    from flashinfer_lite.registry import resolve_model
+
+    path = resolve_model(model)
+    ensure_converted(path)  # conversion is a one-time step, not part of a run
+    _build()  # numba kernels loaded from the on-disk cache: code, not model data
+    release_freed_memory()
+    base = rss_bytes()
+    import flashinfer_lite as fl
+
+    m = fl.load(path, memory_budget=budget)
+    out = m.generate("The history of the city of Rome", max_tokens=tokens)
+    s = m.stats
+    print(json.dumps({
+        "budget": budget, "budget_bytes": m.memory_budget, "plan": m.plan.as_dict()
+        if m.plan else None, "baseline_rss": base, "peak_rss": peak_rss_bytes(),
+        "peak_minus_baseline": peak_rss_bytes() - base, "resident_bytes": m.resident_bytes,
+        "kv_bytes": s["kv_bytes"], "tokens_per_s": s["tokens_per_s"],
+        "flash_bytes_read_per_token": s.get("flash_bytes_read_per_token"), "text": out[:80],
+        "within_budget": bool(peak_rss_bytes() - base <= m.memory_budget),
+        "_np": np.__version__}))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--budgets", nargs="+", default=["120MB", "150MB", "200MB"])
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--child", default=None)
+    a = ap.parse_args()
+    if a.child:
+        child(a.model, a.child, a.tokens)
+        return
+    runs = []
+    for b in a.budgets:
+        proc = subprocess.run([sys.executable, __file__, "--child", b, "--model", a.model,
+                               "--tokens", str(a.tokens)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            runs.append({"budget": b, "error": proc.stderr.strip().splitlines()[-1]})
+        else:
+            runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        r = runs[-1]
+        if "error" in r:
+            print(f"budget {b}: {r['error']}", flush=True)
+            continue
+        share = r["plan"]["ffn_share"] if r["plan"] else 1.0
+        print(f"budget {b}: peak RSS - baseline {r['peak_minus_baseline'] / 1e6:.0f} MB "
+              f"(baseline {r['baseline_rss'] / 1e6:.0f} MB), within: {r['within_budget']}, "
+              f"FFN share {share:.2f}", flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"budget_{a.model}.json").write_text(json.dumps(
+        {"benchmark": "budget", "model": a.model, "runs": runs}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
