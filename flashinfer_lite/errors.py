@@ -35,3 +35,11 @@ class InvalidArgumentError(FlashInferError, ValueError):
 
 class BackendUnavailableError(FlashInferError, RuntimeError):
     """The requested compute backend is not installed or has no usable device."""
+
+
+class KVBudgetError(ContextLengthError):
+    """The KV cache of a context would not fit the memory budget (the message says how much)."""
+
+
+class CacheFileError(FlashInferError, ValueError):
+    """A saved prompt cache is damaged, truncated, or was made by another model or cache kind."""
