@@ -11,6 +11,8 @@ Bytes per element, keys / values: q8 1 + 4/64 each, q4 0.5 + 4/64 each, vs 2 for
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from .kv import EVICT_STEP, KVCache
@@ -64,8 +66,29 @@ def unpack4(p: np.ndarray) -> np.ndarray:
     return np.concatenate([p & 15, p >> 4], axis=-1)
 
 
+@dataclass
+class QuantizedView:
+    """What a decode kernel reads from a quantized cache, position-major and contiguous:
+    kq, vq (N, Hkv, W) uint8 codes (W = D, or D/2 packed for q4); ks, km (N/group, Hkv, D) and
+    vs, vm (N, Hkv, D/vgroup) float16; full_k, full_v (R, Hkv, D) float16 positions kept whole
+    (sinks and residual). Order among positions does not matter to a single unmasked query."""
+
+    bits: int
+    group: int
+    vgroup: int
+    kq: np.ndarray
+    ks: np.ndarray
+    km: np.ndarray
+    vq: np.ndarray
+    vs: np.ndarray
+    vm: np.ndarray
+    full_k: np.ndarray
+    full_v: np.ndarray
+
+
 class QuantizedKVCache(KVCache):
-    """q8 / q4 keys and values, the newest `residual` positions in float16."""
+    """q8 / q4 keys and values, the newest `residual` positions in float16. Storage is
+    position-major (N, Hkv, ...) so the used part of every array is one contiguous block."""
 
     def __init__(self, n_kv_heads: int, head_dim: int, bits: int = 8, residual: int = 128,
                  **bounds):
@@ -80,84 +103,79 @@ class QuantizedKVCache(KVCache):
         self.n_q = 0  # positions in the quantized store
         self.n_r = 0  # positions in the residual
         self._kq = self._ks = self._km = self._vq = self._vs = self._vm = None
-        self._rk = self._rv = None  # (Hkv, residual, D) float16
+        self._rk = self._rv = None  # (residual, Hkv, D) float16
 
     # ---- storage -----------------------------------------------------------------------------
     def _alloc(self, cap: int) -> None:
-        """Grow the quantized store to hold cap positions (a multiple of GROUP)."""
-        old = 0 if self._kq is None else self._kq.shape[1]
+        """Grow the quantized store to hold cap positions."""
+        old = 0 if self._kq is None else self._kq.shape[0]
         if cap <= old:
             return
         cap = -(-cap // STEP) * STEP
         h, d = self.n_kv_heads, self.head_dim
-        shapes = {"_kq": ((h, cap, self.width), np.uint8),
-                  "_ks": ((h, cap // GROUP, d), np.float16),
-                  "_km": ((h, cap // GROUP, d), np.float16),
-                  "_vq": ((h, cap, self.width), np.uint8),
-                  "_vs": ((h, cap, d // self.vgroup), np.float16),
-                  "_vm": ((h, cap, d // self.vgroup), np.float16)}
+        shapes = {"_kq": ((cap, h, self.width), np.uint8),
+                  "_ks": ((cap // GROUP, h, d), np.float16),
+                  "_km": ((cap // GROUP, h, d), np.float16),
+                  "_vq": ((cap, h, self.width), np.uint8),
+                  "_vs": ((cap, h, d // self.vgroup), np.float16),
+                  "_vm": ((cap, h, d // self.vgroup), np.float16)}
         for name, (shape, dtype) in shapes.items():
             new = np.zeros(shape, dtype)
             cur = getattr(self, name)
             if cur is not None:
-                n = self.n_q if name in ("_kq", "_vq", "_vs", "_vm") else self.n_q // GROUP
-                new[:, :n] = cur[:, :n]
+                n = self.n_q // GROUP if name in ("_ks", "_km") else self.n_q
+                new[:n] = cur[:n]
             setattr(self, name, new)
 
     def _quantize_into(self, k: np.ndarray, v: np.ndarray) -> None:
-        """Append k, v (Hkv, n, D) float32, n a multiple of GROUP, to the quantized store."""
-        h, n, d = k.shape
+        """Append k, v (n, Hkv, D) float32, n a multiple of GROUP, to the quantized store."""
+        n, h, d = k.shape
         a = self.n_q
         self._alloc(a + n)
-        kq, ks, km = quantize(k.reshape(h, n // GROUP, GROUP, d), self.bits, axis=2)
-        vq, vs, vm = quantize(v.reshape(h, n, d // self.vgroup, self.vgroup), self.bits, axis=3)
-        kq, vq = kq.reshape(h, n, d), vq.reshape(h, n, d)  # (Hkv, n, D)
+        kq, ks, km = quantize(k.reshape(n // GROUP, GROUP, h, d), self.bits, axis=1)
+        vq, vs, vm = quantize(v.reshape(n, h, d // self.vgroup, self.vgroup), self.bits, axis=3)
+        kq, vq = kq.reshape(n, h, d), vq.reshape(n, h, d)  # (n, Hkv, D)
         if self.bits == 4:
             kq, vq = pack4(kq), pack4(vq)
-        self._kq[:, a : a + n], self._vq[:, a : a + n] = kq, vq
-        self._ks[:, a // GROUP : (a + n) // GROUP] = ks
-        self._km[:, a // GROUP : (a + n) // GROUP] = km
-        self._vs[:, a : a + n], self._vm[:, a : a + n] = vs, vm
+        self._kq[a : a + n], self._vq[a : a + n] = kq, vq
+        self._ks[a // GROUP : (a + n) // GROUP] = ks
+        self._km[a // GROUP : (a + n) // GROUP] = km
+        self._vs[a : a + n], self._vm[a : a + n] = vs, vm
         self.n_q += n
 
     def _dequantize(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
-        """Quantized positions [a, b) (multiples of GROUP, or b = n_q) -> (Hkv, b-a, D) float32."""
+        """Quantized positions [a, b) (a a multiple of GROUP) -> (b-a, Hkv, D) float32."""
         h, d, n = self.n_kv_heads, self.head_dim, b - a
-        kq, vq = self._kq[:, a:b], self._vq[:, a:b]
+        kq, vq = self._kq[a:b], self._vq[a:b]
         if self.bits == 4:
             kq, vq = unpack4(kq), unpack4(vq)
-        gs = slice(a // GROUP, -(-b // GROUP))
-        ks, km = self._ks[:, gs], self._km[:, gs]
+        ks, km = self._ks[a // GROUP : -(-b // GROUP)], self._km[a // GROUP : -(-b // GROUP)]
         full = (n // GROUP) * GROUP
-        k = np.empty((h, n, d), np.float32)
-        k[:, :full] = dequantize(kq[:, :full].reshape(h, full // GROUP, GROUP, d),
-                                 ks[:, : full // GROUP], km[:, : full // GROUP],
-                                 axis=2).reshape(h, full, d)
+        k = np.empty((n, h, d), np.float32)
+        k[:full] = dequantize(kq[:full].reshape(full // GROUP, GROUP, h, d),
+                              ks[: full // GROUP], km[: full // GROUP], axis=1).reshape(full, h, d)
         if full < n:  # a partial last group (only after a trim hands it back)
-            k[:, full:] = dequantize(kq[:, full:], ks[:, -1], km[:, -1], axis=1)
-        v = dequantize(vq.reshape(h, n, d // self.vgroup, self.vgroup), self._vs[:, a:b],
-                       self._vm[:, a:b], axis=3).reshape(h, n, d)
+            k[full:] = dequantize(kq[full:], ks[-1], km[-1], axis=0)
+        v = dequantize(vq.reshape(n, h, d // self.vgroup, self.vgroup), self._vs[a:b],
+                       self._vm[a:b], axis=3).reshape(n, h, d)
         return k, v
 
     def _append(self, k, v):
-        h, d = self.n_kv_heads, self.head_dim
         if self._rk is None:
-            self._rk = np.zeros((h, self.residual, d), np.float16)
-            self._rv = np.zeros((h, self.residual, d), np.float16)
-        new_k = k.transpose(1, 0, 2)  # (T, Hkv, D) -> (Hkv, T, D)
-        new_v = v.transpose(1, 0, 2)
-        total = self.n_r + new_k.shape[1]
+            shape = (self.residual, self.n_kv_heads, self.head_dim)
+            self._rk, self._rv = np.zeros(shape, np.float16), np.zeros(shape, np.float16)
+        total = self.n_r + len(k)
         if total <= self.residual:
-            self._rk[:, self.n_r : total], self._rv[:, self.n_r : total] = new_k, new_v
+            self._rk[self.n_r : total], self._rv[self.n_r : total] = k, v
             self.n_r = total
             return
         # flush whole groups, oldest first, until at most `residual` positions remain
-        allk = np.concatenate([self._rk[:, : self.n_r].astype(np.float32), new_k], axis=1)
-        allv = np.concatenate([self._rv[:, : self.n_r].astype(np.float32), new_v], axis=1)
+        allk = np.concatenate([self._rk[: self.n_r].astype(np.float32), k])
+        allv = np.concatenate([self._rv[: self.n_r].astype(np.float32), v])
         flush = -(-(total - self.residual) // GROUP) * GROUP
-        self._quantize_into(allk[:, :flush], allv[:, :flush])
+        self._quantize_into(allk[:flush], allv[:flush])
         self.n_r = total - flush
-        self._rk[:, : self.n_r], self._rv[:, : self.n_r] = allk[:, flush:], allv[:, flush:]
+        self._rk[: self.n_r], self._rv[: self.n_r] = allk[flush:], allv[flush:]
 
     def _drop_front(self, n):
         # bounded caches require window >= residual, so evicted positions are all quantized
@@ -165,10 +183,10 @@ class QuantizedKVCache(KVCache):
         m = self.n_q - n
         for name in ("_kq", "_vq", "_vs", "_vm"):
             arr = getattr(self, name)
-            arr[:, :m] = arr[:, n : self.n_q]
+            arr[:m] = arr[n : self.n_q]
         for name in ("_ks", "_km"):
             arr = getattr(self, name)
-            arr[:, : m // GROUP] = arr[:, n // GROUP : self.n_q // GROUP]
+            arr[: m // GROUP] = arr[n // GROUP : self.n_q // GROUP]
         self.n_q = m
 
     def _drop_back(self, n):
@@ -181,7 +199,7 @@ class QuantizedKVCache(KVCache):
         k, v = self._dequantize(full, keep) if keep > full else (None, None)
         self.n_q, self.n_r = full, 0
         if k is not None:
-            self._rk[:, : keep - full], self._rv[:, : keep - full] = k, v
+            self._rk[: keep - full], self._rv[: keep - full] = k, v
             self.n_r = keep - full
 
     def _clear(self):
@@ -191,9 +209,29 @@ class QuantizedKVCache(KVCache):
 
     def _recent_blocks(self):
         for a in range(0, self.n_q, BLOCK):
-            yield self._dequantize(a, min(a + BLOCK, self.n_q))
+            k, v = self._dequantize(a, min(a + BLOCK, self.n_q))
+            yield k.transpose(1, 0, 2), v.transpose(1, 0, 2)  # (S, Hkv, D) -> (Hkv, S, D)
         if self.n_r:
-            yield self._rk[:, : self.n_r], self._rv[:, : self.n_r]
+            yield self._rk[: self.n_r].transpose(1, 0, 2), self._rv[: self.n_r].transpose(1, 0, 2)
+
+    def view(self) -> QuantizedView:
+        n = self.n_q
+        full_k, full_v = self._rk[: self.n_r], self._rv[: self.n_r]
+        if len(self._sink_k):
+            sk, sv = self._shown_sinks()
+            full_k = np.concatenate([sk.astype(np.float16), full_k])
+            full_v = np.concatenate([sv.astype(np.float16), full_v])
+        return QuantizedView(self.bits, GROUP, self.vgroup, self._kq[:n], self._ks[: n // GROUP],
+                             self._km[: n // GROUP], self._vq[:n], self._vs[:n], self._vm[:n],
+                             full_k, full_v)
+
+    def attend(self, q, q_pos, scale, window, backend):
+        # one decoding query that sees every held key (no window cut): the backend's fused
+        # kernel reads the codes directly; everything else goes block by block
+        if (len(q_pos) == 1 and self.n_q and self.n_r
+                and (window is None or q_pos[0] - self.first_position < window)):
+            return backend.quantized_decode_attention(q, self.view(), scale)
+        return super().attend(q, q_pos, scale, window, backend)
 
     @property
     def nbytes(self) -> int:
@@ -210,29 +248,48 @@ class QuantizedKVCache(KVCache):
         return cap * per_pos + 2 * 2 * h * (cap // GROUP) * d + 2 * 2 * h * self.residual * d
 
     def _storage_state(self):
-        if self._kq is None and self._rk is None:
-            return {"n_q": np.array(0), "n_r": np.array(0)}
-        state = {"n_q": np.array(self.n_q), "n_r": np.array(self.n_r),
-                 "rk": self._rk[:, : self.n_r], "rv": self._rv[:, : self.n_r]}
+        state = {"n_q": np.array(self.n_q), "n_r": np.array(self.n_r)}
+        if self._rk is not None:
+            state.update(rk=self._rk[: self.n_r], rv=self._rv[: self.n_r])
         if self._kq is not None:
-            g = -(-self.n_q // GROUP)
-            state.update(kq=self._kq[:, : self.n_q], vq=self._vq[:, : self.n_q],
-                         vs=self._vs[:, : self.n_q], vm=self._vm[:, : self.n_q],
-                         ks=self._ks[:, :g], km=self._km[:, :g])
+            n, g = self.n_q, self.n_q // GROUP
+            state.update(kq=self._kq[:n], vq=self._vq[:n], vs=self._vs[:n], vm=self._vm[:n],
+                         ks=self._ks[:g], km=self._km[:g])
         return state
 
     def _load_storage_state(self, state):
         self._clear()
         n_q, n_r = int(state["n_q"]), int(state["n_r"])
-        h, d = self.n_kv_heads, self.head_dim
         if n_q:
-            self._alloc(-(-n_q // GROUP) * GROUP)
-            self._kq[:, :n_q], self._vq[:, :n_q] = state["kq"], state["vq"]
-            self._vs[:, :n_q], self._vm[:, :n_q] = state["vs"], state["vm"]
-            g = len(state["ks"][0])
-            self._ks[:, :g], self._km[:, :g] = state["ks"], state["km"]
-        if n_q or n_r or "rk" in state:
-            self._rk = np.zeros((h, self.residual, d), np.float16)
-            self._rv = np.zeros((h, self.residual, d), np.float16)
-            self._rk[:, :n_r], self._rv[:, :n_r] = state["rk"], state["rv"]
+            self._alloc(n_q)
+            self._kq[:n_q], self._vq[:n_q] = state["kq"], state["vq"]
+            self._vs[:n_q], self._vm[:n_q] = state["vs"], state["vm"]
+            g = n_q // GROUP
+            self._ks[:g], self._km[:g] = state["ks"], state["km"]
+        if "rk" in state:
+            shape = (self.residual, self.n_kv_heads, self.head_dim)
+            self._rk, self._rv = np.zeros(shape, np.float16), np.zeros(shape, np.float16)
+            self._rk[:n_r], self._rv[:n_r] = state["rk"], state["rv"]
         self.n_q, self.n_r = n_q, n_r
+
+
+def view_blocks(view: QuantizedView):
+    """The view's positions as dequantized KVBlocks (Hkv, S, D), quantized ones BLOCK at a time
+    (positions numbered in the view's order: only valid for an unmasked query)."""
+    from .kv import KVBlock
+
+    n, (h, d) = len(view.kq), view.ks.shape[1:]
+    for a in range(0, n, BLOCK):
+        b = min(a + BLOCK, n)
+        kq, vq = view.kq[a:b], view.vq[a:b]
+        if view.bits == 4:
+            kq, vq = unpack4(kq), unpack4(vq)
+        g = view.group
+        k = dequantize(kq.reshape(-1, g, h, d), view.ks[a // g : b // g],
+                       view.km[a // g : b // g], axis=1).reshape(b - a, h, d)
+        v = dequantize(vq.reshape(b - a, h, d // view.vgroup, view.vgroup), view.vs[a:b],
+                       view.vm[a:b], axis=3).reshape(b - a, h, d)
+        yield KVBlock(k.transpose(1, 0, 2), v.transpose(1, 0, 2), np.arange(a, b))
+    if len(view.full_k):
+        yield KVBlock(view.full_k.transpose(1, 0, 2), view.full_v.transpose(1, 0, 2),
+                      np.arange(n, n + len(view.full_k)))
