@@ -122,7 +122,7 @@ class Model:
 
     def kv_bytes_needed(self, n_tokens: int) -> int:
         """Bytes the KV cache holds after n_tokens positions (a bounded cache levels off)."""
-        return sum(c.bytes_at(n_tokens) for c in self._caches)
+        return sum(c.bytes_at(n_tokens, self.prefill_chunk) for c in self._caches)
 
     def kv_budget_bytes(self) -> int | None:
         """What memory_budget leaves for the KV cache after the resident weights (None: no

@@ -264,12 +264,13 @@ class KVCache(ABC):
         self._sink_v = np.asarray(state["sink_v"], np.float32)
         self._load_storage_state(state)
 
-    def bytes_at(self, n_positions: int) -> int:
-        """Bytes this cache holds after n_positions tokens (sinks included), for budgets."""
+    def bytes_at(self, n_positions: int, chunk: int = 256) -> int:
+        """Bytes this cache holds after n_positions tokens (sinks included) fed in chunks of
+        at most `chunk`, for budgets: a bounded cache levels off at its window."""
         sinks = min(self.sinks, n_positions)
         recent = n_positions - sinks
         if self.window is not None:
-            recent = min(recent, self._keep() + EVICT_STEP)
+            recent = min(recent, self._keep() + EVICT_STEP - 1 + chunk)
         return self.bytes_for(recent) + 2 * sinks * self.n_kv_heads * self.head_dim * 4
 
 

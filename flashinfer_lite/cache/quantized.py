@@ -169,9 +169,11 @@ class QuantizedKVCache(KVCache):
             self._rk[self.n_r : total], self._rv[self.n_r : total] = k, v
             self.n_r = total
             return
-        # flush whole groups, oldest first, until at most `residual` positions remain
-        allk = np.concatenate([self._rk[: self.n_r].astype(np.float32), k])
-        allv = np.concatenate([self._rv[: self.n_r].astype(np.float32), v])
+        # flush whole groups, oldest first, until at most `residual` positions remain. New
+        # positions are rounded to float16 as if they had passed through the residual, so the
+        # store does not depend on how tokens were chunked (prefill vs one at a time).
+        allk = np.concatenate([self._rk[: self.n_r], k.astype(np.float16)]).astype(np.float32)
+        allv = np.concatenate([self._rv[: self.n_r], v.astype(np.float16)]).astype(np.float32)
         flush = -(-(total - self.residual) // GROUP) * GROUP
         self._quantize_into(allk[:flush], allv[:flush])
         self.n_r = total - flush
