@@ -213,7 +213,8 @@ def test_quantized_caches_keep_perplexity_and_save_memory(smollm2, smol_ids):
     q8, b8 = ppl_with(smollm2, KVSpec("q8"), ids)
     q4, b4 = ppl_with(smollm2, KVSpec("q4"), ids)
     assert abs(q8 / f16 - 1) < 0.01 and abs(q4 / f16 - 1) < 0.04, (f16, q8, q4)
-    assert b8 < 0.6 * b16 and b4 < 0.35 * b16, (b16, b8, b4)
+    # (at 1000 positions the float16 residual is 13% of them; see the benchmark for 4k)
+    assert b8 < 0.6 * b16 and b4 < 0.4 * b16, (b16, b8, b4)
 
 
 def test_bounded_cache_stays_coherent_past_the_window(smollm2, smol_ids):
