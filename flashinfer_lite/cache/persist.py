@@ -44,7 +44,8 @@ def save_prompt_cache(path, identity: dict, spec: KVSpec, ids: list[int],
     entries, blobs, offset = [], [], 0
     for layer, cache in enumerate(caches):
         for name, arr in cache.state.items():
-            arr = np.ascontiguousarray(arr)
+            arr = np.asarray(arr)
+            arr = arr if arr.flags.c_contiguous else arr.copy()  # (ascontiguousarray: >= 1-d)
             entries.append({"layer": layer, "name": name, "dtype": arr.dtype.str,
                             "shape": list(arr.shape), "offset": offset, "nbytes": arr.nbytes})
             blobs.append(arr)
@@ -56,7 +57,7 @@ def save_prompt_cache(path, identity: dict, spec: KVSpec, ids: list[int],
     try:
         with os.fdopen(fd, "wb") as out:
             for part in [_PREFIX.pack(MAGIC, VERSION, len(header)), header,
-                         *(memoryview(b).cast("B") for b in blobs)]:
+                         *(b.reshape(-1).view(np.uint8) for b in blobs)]:
                 h.update(part)
                 out.write(part)
             out.write(h.digest())
