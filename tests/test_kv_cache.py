@@ -335,3 +335,18 @@ def test_kv_options_are_validated(smollm2_path):
                dict(kv_cache="q4", kv_window=64), dict(kv_residual=10)):
         with pytest.raises(fl.InvalidArgumentError):
             fl.load(smollm2_path, **kw)
+
+
+def test_cli_kv_flags():
+    import subprocess
+    import sys
+
+    ok = subprocess.run([sys.executable, "-m", "flashinfer_lite.cli.main", "generate", "-p",
+                         "The sea is", "-n", "4", "--kv-cache", "q4", "--kv-window", "128",
+                         "--kv-sinks", "2", "--json"], capture_output=True, text=True)
+    assert ok.returncode == 0 and '"kv_bytes"' in ok.stdout, ok.stderr
+    bad = subprocess.run([sys.executable, "-m", "flashinfer_lite.cli.main", "generate", "-p",
+                          "x", "--kv-cache", "q4", "--kv-window", "64"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1
+    assert "kv_window (64) must be at least kv_residual (128)" in bad.stderr
