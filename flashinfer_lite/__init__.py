@@ -7,10 +7,12 @@
 
 from .errors import (
     BackendUnavailableError,
+    CacheFileError,
     ContextLengthError,
     FlashInferError,
     InvalidArgumentError,
     InvalidModelFileError,
+    KVBudgetError,
     ModelNotFoundError,
     UnsupportedModelError,
 )
@@ -20,7 +22,7 @@ from .model import Model, load
 __version__ = "0.1.0"
 
 __all__ = [
-    "BackendUnavailableError", "ContextLengthError", "FlashInferError", "GenerationChunk",
-    "InvalidArgumentError", "InvalidModelFileError", "Model", "ModelNotFoundError",
-    "UnsupportedModelError", "load", "__version__",
+    "BackendUnavailableError", "CacheFileError", "ContextLengthError", "FlashInferError",
+    "GenerationChunk", "InvalidArgumentError", "InvalidModelFileError", "KVBudgetError", "Model",
+    "ModelNotFoundError", "UnsupportedModelError", "load", "__version__",
 ]

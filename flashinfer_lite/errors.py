@@ -39,3 +39,11 @@ class BackendUnavailableError(FlashInferError, RuntimeError):
 
 class BudgetError(FlashInferError, ValueError):
     """The memory budget cannot hold the model's minimum; the message states the minimum."""
+
+
+class KVBudgetError(ContextLengthError):
+    """The KV cache of a context would not fit the memory budget (the message says how much)."""
+
+
+class CacheFileError(FlashInferError, ValueError):
+    """A saved prompt cache is damaged, truncated, or was made by another model or cache kind."""

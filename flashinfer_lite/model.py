@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache.kv import make_kv_caches
+from .cache.kv import KVSpec, make_kv_caches
 from .chat_template import ChatTemplate
 from .config import ModelConfig
-from .errors import ContextLengthError, InvalidArgumentError
+from .errors import ContextLengthError, InvalidArgumentError, KVBudgetError
 from .generate import GenerationChunk, StopMatcher, generate_step
 from .kernels.base import Backend
 from .loaders.flash_format import is_flash_dir, open_flash_dir
@@ -59,6 +59,7 @@ class Model:
     def __init__(self, path: Path, backend: str = "auto", kv_cache: str = "f16",
                  memory_budget=None, token_filter=None, ctx_size: int | None = None,
                  threads: int | None = None, prefill_chunk: int = 256,
+                 kv_window: int | None = None, kv_sinks: int = 4, kv_residual: int = 128,
                  ffn_share: float | None = None, skip_fraction: float = 0.3,
                  cold_skip_fraction: float | None = None, coalesce_gap: int = 4096,
                  ffn_mode: str = "ours", neuron_window: int = 5, kv_reserve_tokens: int = 1024,
@@ -68,6 +69,7 @@ class Model:
                 f"token_filter {token_filter!r} is not available yet (only None)")
         if prefill_chunk < 1:
             raise InvalidArgumentError(f"prefill_chunk must be >= 1; got {prefill_chunk!r}")
+        self.kv_spec = KVSpec(kv_cache, kv_window, kv_sinks, kv_residual)  # validates
         t0 = time.perf_counter()
         self.path = Path(path)
         self._flash = None
@@ -105,12 +107,11 @@ class Model:
         self._file.release_pages()
         release_freed_memory()
         self.kv_cache = kv_cache
-        c = self.config
-        self._caches = make_kv_caches(kv_cache, c.n_layers, c.n_kv_heads, c.head_dim)
+        self._caches = self._make_caches()
         self._cached_ids: list[int] = []
         self.prefill_chunk = prefill_chunk
         self.chat_template = ChatTemplate.for_model(self._file.get("tokenizer.chat_template"),
-                                                    c.architecture)
+                                                    self.config.architecture)
         self._lock = threading.RLock()
         self.load_s = time.perf_counter() - t0
         self.stats: dict = {"load_s": self.load_s, **self.memory_report()}
@@ -135,8 +136,9 @@ class Model:
                 import psutil
 
                 budget = int(psutil.virtual_memory().available * 0.5)
-            kv_per_token = 2 * c.n_layers * c.n_kv_heads * c.head_dim * (
-                2 if kv_cache == "f16" else 4)
+            # bytes per cached value: f16 2, q8 1 + scales, q4 0.5 + scales (cache/ modules)
+            per_value = {"f16": 2.0, "f32": 4.0, "q8": 1.125, "q4": 0.625}.get(kv_cache, 2.0)
+            kv_per_token = int(2 * c.n_layers * c.n_kv_heads * c.head_dim * per_value)
             probe = FlashFFN.bytes_per_neuron(lay)
             self.plan = plan(budget, self._net.nbytes, kv_per_token, min(kv_tokens, self.n_ctx),
                              lay.section, probe, c.n_layers, c.ffn_dim)
@@ -176,11 +178,48 @@ class Model:
         return {"resident_bytes": self.resident_bytes, "kv_bytes": self.kv_bytes,
                 "file_bytes": self._file.file_size}
 
+    def _make_caches(self):
+        c, cores = self.config, self._net.cores
+        return make_kv_caches(self.kv_spec, c.n_layers, c.n_kv_heads, c.head_dim,
+                              sliding_windows=[core.window for core in cores],
+                              rope_shifts=[core.shift_keys for core in cores])
+
+    @property
+    def bounded(self) -> bool:
+        """True when every layer's cache is bounded: a context may then run past n_ctx."""
+        return self.kv_spec.bounded
+
+    def kv_bytes_needed(self, n_tokens: int) -> int:
+        """Bytes the KV cache holds after n_tokens positions (a bounded cache levels off)."""
+        return sum(c.bytes_at(n_tokens, self.prefill_chunk) for c in self._caches)
+
+    def kv_budget_bytes(self) -> int | None:
+        """What memory_budget leaves for the KV cache after the resident weights (None: no
+        budget given). The full planner (flash-resident weights) will refine this."""
+        if self.memory_budget is None:
+            return None
+        return self.memory_budget - self.resident_bytes
+
+    def _check_kv_budget(self, n_tokens: int) -> None:
+        budget = self.kv_budget_bytes()
+        if budget is None:
+            return
+        need = self.kv_bytes_needed(n_tokens)
+        if need > budget:
+            from .memory import format_bytes
+
+            hint = ("; a smaller kv_window would fit" if self.bounded else
+                    "; try kv_cache='q4', a bounded cache (kv_window=...), or a larger budget")
+            raise KVBudgetError(
+                f"a context of {n_tokens} tokens needs {format_bytes(need)} of KV cache "
+                f"({self.kv_spec.kind}); the memory budget of {format_bytes(self.memory_budget)} "
+                f"leaves {format_bytes(max(budget, 0))} after {format_bytes(self.resident_bytes)} "
+                f"of weights{hint}")
+
     def reset(self) -> None:
         """Forget the KV cache (the next call prefills from scratch)."""
         with self._lock:
-            c = self.config
-            self._caches = make_kv_caches(self.kv_cache, c.n_layers, c.n_kv_heads, c.head_dim)
+            self._caches = self._make_caches()
             self._cached_ids = []
 
     def close(self) -> None:
@@ -200,10 +239,11 @@ class Model:
     # ---- forward -------------------------------------------------------------------------------
     def _forward(self, ids: Sequence[int], all_logits: bool) -> np.ndarray:
         """Feed ids after the cache in chunks; logits of the last position (vocab,) or all."""
-        if len(self._cached_ids) + len(ids) > self.n_ctx:
+        total = len(self._cached_ids) + len(ids)
+        if total > self.n_ctx and not self.bounded:
             raise ContextLengthError(
-                f"{len(self._cached_ids) + len(ids)} tokens do not fit the context of "
-                f"{self.n_ctx} tokens")
+                f"{total} tokens do not fit the context of {self.n_ctx} tokens")
+        self._check_kv_budget(total)
         outs = []
         try:
             for s in range(0, len(ids), self.prefill_chunk):
@@ -230,6 +270,10 @@ class Model:
         drop = len(self._cached_ids) - n
         for c in self._caches:
             c.trim(drop)
+        if any(c.offset != n for c in self._caches):
+            # a bounded cache had already dropped positions it would need: start over
+            self._caches = self._make_caches()
+            n = 0
         del self._cached_ids[n:]
         return n
 
@@ -248,10 +292,38 @@ class Model:
         if bad:
             raise InvalidArgumentError(f"token id {bad[0]} is outside the vocabulary "
                                        f"(0..{self.config.vocab_size - 1})")
-        if len(ids) > self.n_ctx:
+        if len(ids) > self.n_ctx and not self.bounded:
             raise ContextLengthError(
                 f"the prompt has {len(ids)} tokens; the context holds {self.n_ctx}")
         return ids
+
+    # ---- prompt cache on disk -------------------------------------------------------------------
+    def save_cache(self, path) -> None:
+        """Write the KV cache and the ids it holds to path (atomically: a temporary name, then
+        a rename), with this model's identity and a checksum."""
+        from .cache.persist import save_prompt_cache
+
+        with self._lock:
+            save_prompt_cache(path, self._identity(), self.kv_spec, self._cached_ids,
+                              self._caches)
+
+    def load_cache(self, path) -> int:
+        """Replace the KV cache with one saved by save_cache; returns the positions it holds.
+        A file from another model or cache kind, or a damaged one, raises CacheFileError."""
+        from .cache.persist import load_prompt_cache
+
+        with self._lock:
+            caches = self._make_caches()
+            ids = load_prompt_cache(path, self._identity(), self.kv_spec, caches)
+            self._caches, self._cached_ids = caches, ids
+            return len(ids)
+
+    def _identity(self) -> dict:
+        from .cache.persist import model_identity
+
+        if getattr(self, "_identity_cache", None) is None:  # hashes the metadata: once
+            self._identity_cache = model_identity(self._file, self.config)
+        return self._identity_cache
 
     # ---- generation ------------------------------------------------------------------------
     def stream(self, prompt: str | Sequence[int], max_tokens: int = 256,
@@ -314,7 +386,7 @@ class Model:
                     if hit:
                         yield GenerationChunk(text, token, dict(stats), "stop")
                         return
-                    room = len(self._cached_ids) + 1 < self.n_ctx
+                    room = self.bounded or len(self._cached_ids) + 1 < self.n_ctx
                     if n >= max_tokens or not room:
                         finish = "length"
                         text += matcher.feed(decoder.flush())[0] + matcher.flush()
@@ -369,6 +441,10 @@ class Model:
 
 def load(model=None, memory_budget=None, backend: str = "auto", kv_cache: str = "f16",
          token_filter=None, **options) -> Model:
-    """Load a model: None (the bundled default), a short name, or a .gguf path."""
+    """Load a model: None (the bundled default), a short name, or a .gguf path.
+
+    KV cache options: kv_cache "f16" | "q8" | "q4"; kv_window=N bounds the cache to kv_sinks
+    (default 4) first + at least N recent positions (StreamingLLM), so a context may run past
+    the model's; kv_residual (default 128) recent positions stay float16 in q8/q4."""
     return Model(resolve_model(model), backend=backend, kv_cache=kv_cache,
                  memory_budget=memory_budget, token_filter=token_filter, **options)

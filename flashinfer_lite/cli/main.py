@@ -26,7 +26,13 @@ def common_model_options(f):
     f = click.option("-c", "--ctx-size", type=click.IntRange(min=1), default=None,
                      help="context length (default: the model's)")(f)
     f = click.option("--kv-cache", default="f16", show_default=True,
-                     type=click.Choice(["f16", "f32"]))(f)
+                     type=click.Choice(["f16", "f32", "q8", "q4"]),
+                     help="KV cache: float16, or KIVI-style 8/4-bit")(f)
+    f = click.option("--kv-window", type=click.IntRange(min=1), default=None,
+                     help="bound the KV cache to the sinks + this many recent tokens "
+                          "(a chat may then run past the context)")(f)
+    f = click.option("--kv-sinks", type=click.IntRange(min=0), default=4, show_default=True,
+                     help="first tokens a bounded cache always keeps")(f)
     f = click.option("--memory-budget", default=None,
                      help="e.g. 300MB, 1.5GB, or 0.5 (a fraction of the model file); below "
                           "what the model needs, FFN weights stay on flash")(f)
@@ -47,14 +53,16 @@ def sampling_options(f):
     return f
 
 
-def _load(model, backend, threads, ctx_size, kv_cache, memory_budget, ffn_share=None):
+def _load(model, backend, threads, ctx_size, kv_cache, memory_budget, ffn_share=None,
+          kv_window=None, kv_sinks=4):
     from .. import load
 
     budget = memory_budget
     if budget is not None and re.fullmatch(r"0?\.[0-9]+|1(\.0*)?", budget.strip()):
         budget = float(budget)  # a fraction of the model file
     return load(model, memory_budget=budget, backend=backend, kv_cache=kv_cache,
-                ctx_size=ctx_size, threads=threads, ffn_share=ffn_share)
+                ctx_size=ctx_size, threads=threads, ffn_share=ffn_share, kv_window=kv_window,
+                kv_sinks=kv_sinks)
 
 
 def _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, default_temp):
@@ -78,11 +86,12 @@ def app():
 @click.option("--chat-template/--raw", "use_template", default=False,
               help="wrap the prompt as one user turn of the model's chat template")
 @click.option("--json", "as_json", is_flag=True, help="print text and stats as one JSON object")
-def generate(model, backend, threads, ctx_size, kv_cache, memory_budget, ffn_share, temperature,
-             top_k, top_p, min_p, repeat_penalty, seed, stop, prompt, max_tokens, use_template,
-             as_json):
+def generate(model, backend, threads, ctx_size, kv_cache, kv_window, kv_sinks, memory_budget,
+             ffn_share, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, prompt,
+             max_tokens, use_template, as_json):
     """One-shot generation from a prompt."""
-    m = _load(model, backend, threads, ctx_size, kv_cache, memory_budget, ffn_share)
+    m = _load(model, backend, threads, ctx_size, kv_cache, memory_budget, ffn_share, kv_window,
+              kv_sinks)
     kw = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, 0.0)
     source = m.apply_chat_template([{"role": "user", "content": prompt}]) if use_template \
         else prompt
@@ -106,12 +115,14 @@ def generate(model, backend, threads, ctx_size, kv_cache, memory_budget, ffn_sha
 @click.option("-n", "--n-predict", "max_tokens", type=click.IntRange(min=1), default=512,
               show_default=True, help="most tokens per reply")
 @click.option("-s", "--system", default=None, help="a system prompt")
-def chat(model, backend, threads, ctx_size, kv_cache, memory_budget, ffn_share, temperature,
-         top_k, top_p, min_p, repeat_penalty, seed, stop, max_tokens, system):
+def chat(model, backend, threads, ctx_size, kv_cache, kv_window, kv_sinks, memory_budget,
+         ffn_share, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, max_tokens,
+         system):
     """Chat in the terminal (or through a pipe). /reset, /stats, /exit; Ctrl-C stops a reply."""
     from .chat_loop import run_chat
 
-    m = _load(model, backend, threads, ctx_size, kv_cache, memory_budget, ffn_share)
+    m = _load(model, backend, threads, ctx_size, kv_cache, memory_budget, ffn_share, kv_window,
+              kv_sinks)
     kw = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, 0.7)
     run_chat(m, system, max_tokens, kw)
 

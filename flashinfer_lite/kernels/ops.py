@@ -90,3 +90,48 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     z = x - np.max(x, axis=axis, keepdims=True)
     e = np.exp(z)
     return e / np.sum(e, axis=axis, keepdims=True)
+
+
+def blockwise_attention(q: np.ndarray, blocks, q_pos: np.ndarray, scale: float,
+                        window: int | None = None) -> np.ndarray:
+    """Causal GQA over keys that arrive in blocks, with an online softmax (flash attention's
+    running max and sum), so a quantized cache is dequantized one block at a time.
+
+    q (T, H, D) at positions q_pos (T,); blocks: objects with .keys, .values (Hkv, S, D) float
+    and .positions (S,). Returns (T, H * D) float32, as `attention` does.
+    """
+    t, h, d = q.shape
+    hkv = None
+    first_visible = int(q_pos[0]) - window + 1 if window is not None else None
+    m = acc = denom = None
+    for b in blocks:
+        kp = b.positions
+        if not len(kp) or (first_visible is not None and kp[-1] < first_visible):
+            continue  # older than every query's window
+        if hkv is None:
+            hkv = b.keys.shape[0]
+            g = h // hkv
+            qg = q.reshape(t, hkv, g, d).transpose(1, 2, 0, 3).reshape(hkv, g * t, d)
+            qg = qg * np.float32(scale)  # (Hkv, G*T, D): rows ordered (group, query)
+            m = np.full((hkv, g * t, 1), -np.inf, np.float32)
+            denom = np.zeros((hkv, g * t, 1), np.float32)
+            acc = np.zeros((hkv, g * t, d), np.float32)
+        k = b.keys.astype(np.float32, copy=False)
+        s = np.matmul(qg, k.transpose(0, 2, 1))  # (Hkv, G*T, S)
+        if needs_mask(q_pos, kp, window):
+            visible = kp[None, :] <= q_pos[:, None]  # (T, S)
+            if window is not None:
+                visible &= (q_pos[:, None] - kp[None, :]) < window
+            # a row that sees nothing in this block gets -1e30, not -inf (no inf - inf NaN):
+            # its bogus weights are wiped by the rescale once a visible key arrives (every
+            # query sees at least itself, in the last block)
+            s = np.where(np.tile(visible, (g, 1))[None], s, np.float32(-1e30))
+        m_new = np.maximum(m, s.max(axis=-1, keepdims=True))
+        s -= m_new
+        np.exp(s, out=s)
+        corr = np.exp(m - m_new)
+        denom = denom * corr + s.sum(axis=-1, keepdims=True)
+        acc = acc * corr + np.matmul(s, b.values.astype(np.float32, copy=False))
+        m = m_new
+    out = acc / denom  # (Hkv, G*T, D)
+    return out.reshape(hkv, g, t, d).transpose(2, 0, 1, 3).reshape(t, h * d)

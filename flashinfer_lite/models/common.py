@@ -44,13 +44,25 @@ class AttentionCore:
         self._cos = self._sin = np.zeros((0, cfg.head_dim // 2), np.float32)
 
     def _rope(self, positions: np.ndarray):
-        """cos, sin rows for positions, from a table grown in steps (not recomputed per token)."""
+        """cos, sin rows for positions, from a table grown in steps (not recomputed per token).
+        Past the model's context (a bounded cache runs on) they are computed directly, so the
+        table stays the size of the context."""
         end = int(positions[-1]) + 1
+        if end > self.cfg.context_length:
+            return rope_tables(positions, self.cfg.head_dim, self.rope_base, self.rope_scale,
+                               self.freq_factors)
         if end > len(self._cos):
             n = -(-end // self.ROPE_TABLE_STEP) * self.ROPE_TABLE_STEP
             self._cos, self._sin = rope_tables(np.arange(n), self.cfg.head_dim, self.rope_base,
                                                self.rope_scale, self.freq_factors)
         return self._cos[positions], self._sin[positions]
+
+    def shift_keys(self, k: np.ndarray, delta: int) -> np.ndarray:
+        """Keys (n, Hkv, D) rotated by RoPE at some positions -> at those positions + delta
+        (rotations compose), for a bounded cache that re-positions its attention sinks."""
+        cos, sin = rope_tables(np.full(len(k), delta), self.cfg.head_dim, self.rope_base,
+                               self.rope_scale, self.freq_factors)
+        return apply_rope(k, cos, sin, self.cfg.rope_type)
 
     def __call__(self, q, k, v, cache: KVCache, positions: np.ndarray) -> np.ndarray:
         c = self.cfg
@@ -64,15 +76,8 @@ class AttentionCore:
         cos, sin = self._rope(positions)
         qk = apply_rope(np.concatenate([q, k], axis=1), cos, sin, c.rope_type)  # (T, H+Hkv, D)
         q, k = qk[:, : c.n_heads], qk[:, c.n_heads :]
-        start = cache.offset
-        keys, values = cache.update_and_fetch(k, v)  # (S, Hkv, D)
-        k_pos = np.arange(keys.shape[0])
-        if self.window is not None and start > self.window:
-            # Keys older than the window are invisible to every query of this chunk: skip them.
-            first = start - self.window + 1
-            keys, values, k_pos = keys[first:], values[first:], k_pos[first:]
-        return self.backend.attention(q, keys, values, positions, k_pos, c.attn_scale,
-                                      self.window)
+        cache.update(k, v)
+        return cache.attend(q, positions, c.attn_scale, self.window, self.backend)
 
 
 class CausalLM:

@@ -1,0 +1,271 @@
+"""The compact KV cache: memory, decode speed, perplexity, pass-key retrieval and chat prefix
+reuse, f16 vs q8 vs q4, compared within one run.
+
+    python benchmarks/bench_kv.py memory   [--model smollm2-135m] [--tokens 4096]
+    python benchmarks/bench_kv.py speed    [--model smollm2-135m] [--tokens 4096] [--rounds 5]
+    python benchmarks/bench_kv.py ppl      [--model gemma3-270m]  [--tokens 8192]
+    python benchmarks/bench_kv.py passkey  [--lengths 4096 8192] [--trials 10]
+    python benchmarks/bench_kv.py chat     [--model smollm2-135m]
+
+Each writes benchmarks/results/kv_<what>_<model>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+KINDS = ("f16", "q8", "q4")
+
+
+def topics_text() -> str:
+    import pydoc_data.topics
+
+    topics = pydoc_data.topics.topics
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def write(name: str, args, result: dict) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    result = {"machine": platform.machine(), "python": platform.python_version(),
+              "args": vars(args), **result}
+    path = RESULTS / f"kv_{name}_{args.model}.json"
+    path.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+    print(f"wrote {path}")
+
+
+# ---- memory: one child per kind, so RSS belongs to one cache -------------------------------------
+def memory_child(model: str, kind: str, tokens: int, threads: int) -> dict:
+    import flashinfer_lite as fl
+    from flashinfer_lite.memory import release_freed_memory, rss_bytes
+
+    m = fl.load(model, kv_cache=kind, threads=threads)
+    ids = m.tokenize(topics_text())[:tokens]
+    m.generate(ids[:8], max_tokens=1)  # warm every session, allocate the small caches
+    m.reset()
+    release_freed_memory()
+    before = rss_bytes()
+    m.generate(ids, max_tokens=1)  # prefill `tokens` positions (+1 generated, not fed)
+    release_freed_memory()
+    after = rss_bytes()
+    held = m.kv_bytes
+    return {"kind": kind, "positions": m._caches[0].offset, "kv_bytes": held,
+            "bytes_per_token_nbytes": held / tokens,
+            "rss_delta_bytes": after - before, "bytes_per_token_rss": (after - before) / tokens}
+
+
+def cmd_memory(args):
+    rows = []
+    for kind in KINDS:
+        out = subprocess.run([sys.executable, __file__, "_memory_child", kind, "--model",
+                              args.model, "--tokens", str(args.tokens)],
+                             capture_output=True, text=True, check=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    f16 = rows[0]
+    for r in rows:
+        r["ratio_nbytes_vs_f16"] = r["kv_bytes"] / f16["kv_bytes"]
+        r["ratio_rss_vs_f16"] = r["rss_delta_bytes"] / f16["rss_delta_bytes"]
+    write("memory", args, {"rows": rows})
+
+
+# ---- speed: one prefill in f16, copied into q8/q4 caches; decode alternating kinds ---------------
+def caches_from(m, spec, source):
+    """New caches of `spec` holding what `source` caches hold (decode speed depends only on
+    the sizes; this saves two 4k-token prefills)."""
+    m.kv_spec = spec
+    caches = m._make_caches()
+    for src, dst in zip(source, caches, strict=True):
+        k, v, _ = src.fetch()
+        for a in range(0, len(k), 256):
+            dst.update(k[a : a + 256], v[a : a + 256])
+    return caches
+
+
+def cmd_speed(args):
+    import flashinfer_lite as fl
+    from flashinfer_lite.cache.kv import KVSpec
+
+    m = fl.load(args.model, threads=args.threads)
+    ids = m.tokenize(topics_text())[: args.tokens]
+    t0 = time.perf_counter()
+    m.generate(ids, max_tokens=1)
+    prefill_s = time.perf_counter() - t0
+    f16 = m._caches
+    sets = {"f16": f16}
+    for kind in KINDS[1:]:
+        sets[kind] = caches_from(m, KVSpec(kind), f16)
+    cached = list(m._cached_ids)
+    times = {k: [] for k in KINDS}
+    rng = np.random.default_rng(0)
+    for _ in range(args.rounds):
+        for kind in KINDS:
+            m._caches, m.kv_spec = sets[kind], KVSpec(kind)
+            m._cached_ids = list(cached)
+            n0 = m._caches[0].offset
+            toks = rng.integers(100, 1000, args.decode).tolist()
+            t0 = time.perf_counter()
+            for t in toks:
+                m._forward([t], all_logits=False)
+            times[kind].append((time.perf_counter() - t0) / len(toks))
+            for c in m._caches:
+                c.trim(c.offset - n0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    rows = {k: {"tokens_per_s": 1 / med[k], "ms_per_token": med[k] * 1e3,
+                "slowdown_vs_f16": med[k] / med["f16"], "kv_bytes": sum(c.nbytes for c in sets[k]),
+                "all_rounds_ms": [t * 1e3 for t in times[k]]} for k in KINDS}
+    write("speed", args, {"context": args.tokens, "prefill_s_f16": prefill_s, "rows": rows})
+
+
+# ---- perplexity: the text scored chunk by chunk through the prompt path --------------------------
+def chunked_nll(m, ids, chunk: int) -> np.ndarray:
+    """Negative log-likelihood of ids[1:], feeding ids through the model's prompt path in chunks
+    (so only one chunk's logits exist at a time: Gemma's are 1 MB per position)."""
+    from flashinfer_lite.evaluation import log_softmax
+
+    m.reset()
+    nll = []
+    for a in range(0, len(ids) - 1, chunk):
+        part = ids[a : a + chunk]
+        h = m._net.forward(np.asarray(part, np.int64), m._caches)
+        m._cached_ids.extend(part)
+        lp = log_softmax(m._net.head(h))
+        nxt = ids[a + 1 : a + 1 + len(part)]
+        nll.append(-lp[np.arange(len(nxt)), nxt])
+    return np.concatenate(nll)
+
+
+def cmd_ppl(args):
+    import flashinfer_lite as fl
+    from flashinfer_lite.cache.kv import KVSpec
+
+    m = fl.load(args.model, threads=args.threads)
+    ids = m.tokenize(topics_text())[: args.tokens]
+    rows = {}
+    for kind in KINDS:
+        m.kv_spec = KVSpec(kind)
+        t0 = time.perf_counter()
+        nll = chunked_nll(m, ids, 256)
+        rows[kind] = {"ppl": float(np.exp(nll.mean())),
+                      "ppl_last_half": float(np.exp(nll[len(nll) // 2 :].mean())),
+                      "seconds": time.perf_counter() - t0, "kv_bytes": m.kv_bytes}
+    for r in rows.values():
+        r["vs_f16"] = r["ppl"] / rows["f16"]["ppl"] - 1
+    write("ppl", args, {"scored_tokens": len(ids) - 1, "rows": rows})
+
+
+# ---- pass-key retrieval (Gemma 3 270M) ----------------------------------------------------------
+FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
+          "There and back again. ")
+
+
+def passkey_prompt(m, n_tokens: int, key: int, depth: float) -> list[int]:
+    """Filler text with 'The pass key is KEY. Remember it.' at `depth`, then the question."""
+    head = ("There is a pass key hidden inside a lot of irrelevant text. Find it and memorize "
+            "it. I will quiz you about the pass key.\n")
+    needle = f"\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
+    tail = "\nWhat is the pass key? The pass key is"
+    per = len(m.tokenize(FILLER, add_bos=False))
+    fixed = len(m.tokenize(head + needle + tail))
+    reps = max(1, (n_tokens - fixed) // per)
+    before = int(reps * depth)
+    text = head + FILLER * before + needle + FILLER * (reps - before) + tail
+    return m.tokenize(text)
+
+
+def cmd_passkey(args):
+    import flashinfer_lite as fl
+    from flashinfer_lite.cache.kv import KVSpec
+
+    m = fl.load(args.model, threads=args.threads)
+    rng = random.Random(args.seed)
+    rows = {}
+    for n in args.lengths:
+        # deepest needle first: each next prompt shares the filler before its (shallower)
+        # needle with the previous one, so prefix reuse (trim) skips re-prefilling it
+        trials = sorted(((rng.randint(10000, 99999), rng.uniform(0.1, 0.9))
+                         for _ in range(args.trials)), key=lambda t: -t[1])
+        for kind in KINDS:
+            m.kv_spec = KVSpec(kind)
+            m.reset()
+            ok, answers = 0, []
+            t0 = time.perf_counter()
+            for key, depth in trials:
+                ids = passkey_prompt(m, n, key, depth)
+                out = m.generate(ids, max_tokens=7)
+                answers.append(out)
+                ok += str(key) in out.replace(" ", "")
+            rows[f"{n}/{kind}"] = {"tokens": len(ids), "kind": kind, "correct": ok,
+                                   "trials": len(trials), "answers": answers,
+                                   "keys": [k for k, _ in trials],
+                                   "seconds": time.perf_counter() - t0}
+            print(n, kind, ok, "/", len(trials), flush=True)
+    write("passkey", args, {"rows": rows})
+
+
+# ---- chat: time to first token of turn 5, short vs long history ---------------------------------
+def cmd_chat(args):
+    import flashinfer_lite as fl
+
+    m = fl.load(args.model, threads=args.threads)
+    questions = ["What is a list in Python?", "And a tuple?", "How do I sort a list?",
+                 "What does len do?", "How do I reverse a string?"]
+    doc = topics_text()
+    rows = {}
+    for label, chars in (("short", 200), ("long", 8000)):
+        for kind in KINDS:
+            m = fl.load(args.model, threads=args.threads, kv_cache=kind)
+            history = [{"role": "system", "content": "Reference:\n" + doc[:chars]}]
+            ttfts, prefilled = [], []
+            for q in questions:
+                history.append({"role": "user", "content": q})
+                reply = "".join(c.text for c in m.stream_chat(history, max_tokens=24))
+                ttfts.append(m.stats["ttft_s"])
+                prefilled.append(m.stats["prefill_tokens"])
+                history.append({"role": "assistant", "content": reply})
+            rows[f"{label}/{kind}"] = {"history_tokens_turn5": m.stats["prompt_tokens"],
+                                       "ttft_s": ttfts, "prefill_tokens": prefilled,
+                                       "ttft_turn5_s": ttfts[-1]}
+            print(label, kind, rows[f"{label}/{kind}"], flush=True)
+    for kind in KINDS:
+        rows[f"ratio/{kind}"] = (rows[f"long/{kind}"]["ttft_turn5_s"]
+                                 / rows[f"short/{kind}"]["ttft_turn5_s"])
+    write("chat", args, {"rows": rows})
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("what", choices=["memory", "speed", "ppl", "passkey", "chat",
+                                    "_memory_child"])
+    p.add_argument("kind", nargs="?")
+    p.add_argument("--model", default=None)
+    p.add_argument("--tokens", type=int, default=None)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--decode", type=int, default=16)
+    p.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192])
+    p.add_argument("--trials", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    defaults = {"ppl": ("gemma3-270m", 8192), "passkey": ("gemma3-270m", None)}
+    model, tokens = defaults.get(args.what, ("smollm2-135m", 4096))
+    args.model = args.model or model
+    args.tokens = args.tokens or tokens
+    if args.what == "_memory_child":
+        print(json.dumps(memory_child(args.model, args.kind, args.tokens, args.threads)))
+        return
+    globals()[f"cmd_{args.what}"](args)
+
+
+if __name__ == "__main__":
+    main()
