@@ -177,12 +177,13 @@ def main():
     report = {"benchmark": "flash_ffn", "model": a.model, "machine": platform.platform(),
               "prompt_tokens": a.prompt_tokens, "gen_tokens": a.gen_tokens,
               "runs": runs, "summary": summary}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"flash_{a.model}.json"
+    out.write_text(json.dumps(report, indent=2))  # speed results survive a failed quality run
     if not a.skip_quality:
         report["quality"] = run(["--quality-child", "--model", a.model, "--ppl-tokens",
                                  str(a.ppl_tokens), "--shares", *map(str, a.shares)])
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"flash_{a.model}.json"
-    out.write_text(json.dumps(report, indent=2))
+        out.write_text(json.dumps(report, indent=2))
     print(json.dumps(summary, indent=2))
     try:
         import matplotlib
