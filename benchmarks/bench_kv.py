@@ -210,7 +210,7 @@ def cmd_passkey(args):
                                    "keys": [k for k, _ in trials],
                                    "seconds": time.perf_counter() - t0}
             print(n, kind, ok, "/", len(trials), flush=True)
-    write("passkey", args, {"rows": rows})
+            write("passkey", args, {"rows": rows})  # after each kind: a long run may be cut
 
 
 # ---- chat: time to first token of turn 5, short vs long history ---------------------------------
