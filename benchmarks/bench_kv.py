@@ -232,7 +232,12 @@ def cmd_chat(args):
                 # turn 5 is asked `repeat` times (each one trims the previous reply and
                 # prefills the same new tokens): the minimum resists this shared machine's
                 # load spikes
-                for _ in range(args.repeat if i == len(questions) - 1 else 1):
+                for r in range(args.repeat if i == len(questions) - 1 else 1):
+                    if r:  # back to the cache as it was before turn 5's new tokens
+                        keep = m.stats["prompt_tokens_reused"]
+                        for c in m._caches:
+                            c.trim(c.offset - keep)
+                        del m._cached_ids[keep:]
                     reply = "".join(c.text for c in m.stream_chat(history, max_tokens=24))
                     if i == len(questions) - 1:
                         turn5.append(m.stats["ttft_s"])
