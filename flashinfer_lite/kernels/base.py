@@ -73,12 +73,15 @@ class Backend(ABC):
         mask; (1, H * D). A numba kernel on the codes (kernels/quant_attention.py: at 4096
         positions as fast as ORT's float16 kernel, where dequantizing in ORT or numpy was 2-3x
         slower); without numba, numpy dequantizing block by block."""
+        import importlib.util
+
         from ..cache.quantized import view_blocks
-        from . import quant_attention
         from .ops import blockwise_attention
 
-        if quant_attention.available():
-            return quant_attention.quantized_decode(q, view, scale)
+        if importlib.util.find_spec("numba") is not None:
+            from .quant_attention import quantized_decode
+
+            return quantized_decode(q, view, scale)
 
         n = len(view.kq) + len(view.full_k)
         return blockwise_attention(q, view_blocks(view), np.array([n]), scale)
