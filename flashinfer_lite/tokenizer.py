@@ -73,7 +73,6 @@ class StreamDecoder:
     def __init__(self, tok: Tokenizer):
         self.tok = tok
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._first = True
 
     def add(self, token: int) -> str:
         data = self.tok.piece_bytes([token])

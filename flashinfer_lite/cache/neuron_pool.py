@@ -17,8 +17,6 @@ from ..loaders.quant_grid import decode_grid
 
 class NeuronPool:
     def __init__(self, layout: BundleLayout, capacity: int):
-        from gguf import GGML_QUANT_SIZES
-
         self.layout, self.capacity = layout, capacity
         k, d = layout.d_model, layout.d_model
         probe = decode_grid(layout.up_type, np.zeros((1, layout.up_bytes), np.uint8), (1, k))
@@ -35,7 +33,6 @@ class NeuronPool:
         self.last_used = np.full(capacity, -(1 << 30), np.int64)
         self.slot_of = np.full(layout.ffn_dim, -1, np.int64)
         self.count = 0
-        _ = GGML_QUANT_SIZES
 
     def _arrays(self):
         return (self.up_q, self.up_s, self.up_m, self.dn_q, self.dn_s)

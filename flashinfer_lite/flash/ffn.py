@@ -138,7 +138,6 @@ class FlashFFN:
 
     def __call__(self, layer: int, h: np.ndarray, gate: np.ndarray) -> np.ndarray:
         """h (T, d) FFN input, gate (T, ffn) resident gate pre-activations -> (T, d)."""
-        t0 = time.perf_counter()
         io0 = self.reader.seconds
         if layer == 0:
             self.step += h.shape[0]
@@ -196,7 +195,6 @@ class FlashFFN:
         self.stats["neurons_computed"] += int(active.sum())
         self.stats["neuron_slots"] += active.size
         self.stats["io_s"] += self.reader.seconds - io0
-        _ = t0
         return out
 
     def _compute(self, h, a, active, pool) -> np.ndarray:

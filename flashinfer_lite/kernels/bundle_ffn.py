@@ -9,12 +9,12 @@ is not a multiple of 256, as in both bundled models); others use the decoded poo
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 
 RAW_UP_TYPES = {Q.Q4_0: 0, Q.Q4_1: 1, Q.Q5_0: 2, Q.Q8_0: 3}
 _F16 = None
-_KERNEL = None
 
 
 def f16_table() -> np.ndarray:
@@ -25,77 +25,72 @@ def f16_table() -> np.ndarray:
     return _F16
 
 
-def _build():
-    from numba import njit
+# Module level so numba's on-disk cache serves it (closures recompile in every process).
 
-    @njit(fastmath=True, cache=True, nogil=True, inline="always")
-    def half(raw, s, o, table):
-        return table[np.int64(raw[s, o]) | (np.int64(raw[s, o + 1]) << 8)]
 
-    @njit(fastmath=True, cache=True, nogil=True)
-    def ffn_raw(x, x_sum, slots, coef, counts, raw, kind, up_blocks, down_off, d_blocks,
-                table, out):
-        """x (T, K), x_sum (T, K/32); raw (P, stride) bundles; out (T, D) accumulated."""
-        for t in range(x.shape[0]):
-            y = out[t]
-            for j in range(counts[t]):
-                s = slots[t, j]
-                u = np.float32(0.0)
-                for b in range(up_blocks):
-                    xb = b * 32
-                    acc = np.float32(0.0)
-                    if kind == 0:  # Q4_0: d, qs[16]; w = d * (q - 8)
-                        o = b * 18
-                        for i in range(16):
-                            q = raw[s, o + 2 + i]
-                            acc += np.float32(q & 15) * x[t, xb + i] + \
-                                np.float32(q >> 4) * x[t, xb + 16 + i]
-                        u += half(raw, s, o, table) * (acc - 8.0 * x_sum[t, b])
-                    elif kind == 1:  # Q4_1: d, m, qs[16]; w = d * q + m
-                        o = b * 20
-                        for i in range(16):
-                            q = raw[s, o + 4 + i]
-                            acc += np.float32(q & 15) * x[t, xb + i] + \
-                                np.float32(q >> 4) * x[t, xb + 16 + i]
-                        u += half(raw, s, o, table) * acc + half(raw, s, o + 2, table) * \
-                            x_sum[t, b]
-                    elif kind == 2:  # Q5_0: d, qh (u32), qs[16]; w = d * (q5 - 16)
-                        o = b * 22
-                        qh = np.int64(raw[s, o + 2]) | (np.int64(raw[s, o + 3]) << 8) | \
-                            (np.int64(raw[s, o + 4]) << 16) | (np.int64(raw[s, o + 5]) << 24)
-                        for i in range(16):
-                            q = np.int64(raw[s, o + 6 + i])
-                            lo = (q & 15) | (((qh >> i) & 1) << 4)
-                            hi = (q >> 4) | (((qh >> (i + 16)) & 1) << 4)
-                            acc += np.float32(lo) * x[t, xb + i] + \
-                                np.float32(hi) * x[t, xb + 16 + i]
-                        u += half(raw, s, o, table) * (acc - 16.0 * x_sum[t, b])
-                    else:  # Q8_0: d, int8[32]
-                        o = b * 34
-                        for i in range(32):
-                            acc += np.float32(np.int8(raw[s, o + 2 + i])) * x[t, xb + i]
-                        u += half(raw, s, o, table) * acc
-                a = coef[t, j] * u
-                for b in range(d_blocks):
-                    o = down_off + b * 34
-                    sc = a * half(raw, s, o, table)
+@numba.njit(fastmath=True, cache=True, nogil=True, inline="always")
+def half(raw, s, o, table):
+    return table[np.int64(raw[s, o]) | (np.int64(raw[s, o + 1]) << 8)]
+
+@numba.njit(fastmath=True, cache=True, nogil=True)
+def ffn_raw(x, x_sum, slots, coef, counts, raw, kind, up_blocks, down_off, d_blocks,
+            table, out):
+    """x (T, K), x_sum (T, K/32); raw (P, stride) bundles; out (T, D) accumulated."""
+    for t in range(x.shape[0]):
+        y = out[t]
+        for j in range(counts[t]):
+            s = slots[t, j]
+            u = np.float32(0.0)
+            for b in range(up_blocks):
+                xb = b * 32
+                acc = np.float32(0.0)
+                if kind == 0:  # Q4_0: d, qs[16]; w = d * (q - 8)
+                    o = b * 18
+                    for i in range(16):
+                        q = raw[s, o + 2 + i]
+                        acc += np.float32(q & 15) * x[t, xb + i] + \
+                            np.float32(q >> 4) * x[t, xb + 16 + i]
+                    u += half(raw, s, o, table) * (acc - 8.0 * x_sum[t, b])
+                elif kind == 1:  # Q4_1: d, m, qs[16]; w = d * q + m
+                    o = b * 20
+                    for i in range(16):
+                        q = raw[s, o + 4 + i]
+                        acc += np.float32(q & 15) * x[t, xb + i] + \
+                            np.float32(q >> 4) * x[t, xb + 16 + i]
+                    u += half(raw, s, o, table) * acc + half(raw, s, o + 2, table) * \
+                        x_sum[t, b]
+                elif kind == 2:  # Q5_0: d, qh (u32), qs[16]; w = d * (q5 - 16)
+                    o = b * 22
+                    qh = np.int64(raw[s, o + 2]) | (np.int64(raw[s, o + 3]) << 8) | \
+                        (np.int64(raw[s, o + 4]) << 16) | (np.int64(raw[s, o + 5]) << 24)
+                    for i in range(16):
+                        q = np.int64(raw[s, o + 6 + i])
+                        lo = (q & 15) | (((qh >> i) & 1) << 4)
+                        hi = (q >> 4) | (((qh >> (i + 16)) & 1) << 4)
+                        acc += np.float32(lo) * x[t, xb + i] + \
+                            np.float32(hi) * x[t, xb + 16 + i]
+                    u += half(raw, s, o, table) * (acc - 16.0 * x_sum[t, b])
+                else:  # Q8_0: d, int8[32]
+                    o = b * 34
                     for i in range(32):
-                        y[b * 32 + i] += sc * np.float32(np.int8(raw[s, o + 2 + i]))
-
-    return ffn_raw
+                        acc += np.float32(np.int8(raw[s, o + 2 + i])) * x[t, xb + i]
+                    u += half(raw, s, o, table) * acc
+            a = coef[t, j] * u
+            for b in range(d_blocks):
+                o = down_off + b * 34
+                sc = a * half(raw, s, o, table)
+                for i in range(32):
+                    y[b * 32 + i] += sc * np.float32(np.int8(raw[s, o + 2 + i]))
 
 
 def bundle_ffn(x: np.ndarray, slots: np.ndarray, coef: np.ndarray, counts: np.ndarray,
                pool) -> np.ndarray:
     """x (T, K) -> (T, D) over each row's active slots of a RawNeuronPool."""
-    global _KERNEL
-    if _KERNEL is None:
-        _KERNEL = _build()
     t, k = x.shape
     x = np.ascontiguousarray(x, np.float32)
     x_sum = x.reshape(t, k // 32, 32).sum(-1)  # (T, K/32)
     out = np.zeros((t, pool.d_out), np.float32)
     lay = pool.layout
-    _KERNEL(x, x_sum, slots, coef, counts, pool.raw, RAW_UP_TYPES[lay.up_type], k // 32,
+    ffn_raw(x, x_sum, slots, coef, counts, pool.raw, RAW_UP_TYPES[lay.up_type], k // 32,
             lay.up_bytes, lay.d_model // 32, f16_table(), out)
     return out

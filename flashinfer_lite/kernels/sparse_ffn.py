@@ -10,76 +10,68 @@ simple, in float32, with one accumulator per output row, so LLVM vectorizes them
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
-_KERNELS = None
+# Module level, not built in a closure: numba's on-disk cache only serves module-level
+# functions (closures were recompiled, and re-cached, in every process). This module is
+# imported only when a flash-resident FFN is set up.
 
 
-def _build():
-    from numba import njit
+@numba.njit(fastmath=True, cache=True, nogil=True, inline="always")
+def add_down_column(y, a, s, dn_q, dn_s):
+    """y += a * (Q8_0 down column of pool row s): int8 values, one scale per 32."""
+    for b in range(dn_s.shape[1]):
+        sc = a * dn_s[s, b]
+        for i in range(32):
+            y[b * 32 + i] += sc * np.float32(dn_q[s, b * 32 + i])
 
-    @njit(fastmath=True, cache=True, nogil=True)
-    def ffn4(x_even, x_odd, x_sum, slots, coef, counts, up_q, up_s, up_m, zero, dn_q, dn_s,
-             out, c):
-        """4-bit rows: byte i of a block holds elements 2i (low nibble) and 2i+1 (high).
-        out (chunks, T, D): this call sums chunk c's share of each row's slots into out[c]."""
-        nb = up_s.shape[1]
-        half = up_q.shape[1] // nb
-        dblocks = dn_s.shape[1]
-        chunks = out.shape[0]
-        for t in range(x_even.shape[0]):
-            y = out[c, t]
-            for j in range(counts[t] * c // chunks, counts[t] * (c + 1) // chunks):
-                s = slots[t, j]
-                u = np.float32(0.0)
-                for b in range(nb):
-                    acc = np.float32(0.0)
-                    base = b * half
-                    for i in range(half):
-                        byte = up_q[s, base + i]
-                        acc += np.float32(byte & 15) * x_even[t, base + i] + \
-                            np.float32(byte >> 4) * x_odd[t, base + i]
-                    u += up_s[s, b] * (acc - zero * x_sum[t, b]) + up_m[s, b] * x_sum[t, b]
-                a = coef[t, j] * u
-                for b in range(dblocks):
-                    sc = a * dn_s[s, b]
-                    for i in range(32):
-                        y[b * 32 + i] += sc * np.float32(dn_q[s, b * 32 + i])
 
-    @njit(fastmath=True, cache=True, nogil=True)
-    def ffn8(x, x_sum, slots, coef, counts, up_q, up_s, up_m, zero, block, dn_q, dn_s, out,
-             c):
-        """8-bit rows (one byte per element), blocks of `block` elements; out, c as ffn4's."""
-        nb = up_s.shape[1]
-        dblocks = dn_s.shape[1]
-        chunks = out.shape[0]
-        for t in range(x.shape[0]):
-            y = out[c, t]
-            for j in range(counts[t] * c // chunks, counts[t] * (c + 1) // chunks):
-                s = slots[t, j]
-                u = np.float32(0.0)
-                for b in range(nb):
-                    acc = np.float32(0.0)
-                    base = b * block
-                    for i in range(block):
-                        acc += np.float32(up_q[s, base + i]) * x[t, base + i]
-                    u += up_s[s, b] * (acc - zero * x_sum[t, b]) + up_m[s, b] * x_sum[t, b]
-                a = coef[t, j] * u
-                for b in range(dblocks):
-                    sc = a * dn_s[s, b]
-                    for i in range(32):
-                        y[b * 32 + i] += sc * np.float32(dn_q[s, b * 32 + i])
+@numba.njit(fastmath=True, cache=True, nogil=True)
+def ffn4(x_even, x_odd, x_sum, slots, coef, counts, up_q, up_s, up_m, zero, dn_q, dn_s, out, c):
+    """4-bit rows: byte i of a block holds elements 2i (low nibble) and 2i+1 (high).
+    out (chunks, T, D): this call sums chunk c's share of each row's slots into out[c]."""
+    nb = up_s.shape[1]
+    half = up_q.shape[1] // nb
+    chunks = out.shape[0]
+    for t in range(x_even.shape[0]):
+        y = out[c, t]
+        for j in range(counts[t] * c // chunks, counts[t] * (c + 1) // chunks):
+            s = slots[t, j]
+            u = np.float32(0.0)
+            for b in range(nb):
+                acc = np.float32(0.0)
+                base = b * half
+                for i in range(half):
+                    byte = up_q[s, base + i]
+                    acc += np.float32(byte & 15) * x_even[t, base + i] + \
+                        np.float32(byte >> 4) * x_odd[t, base + i]
+                u += up_s[s, b] * (acc - zero * x_sum[t, b]) + up_m[s, b] * x_sum[t, b]
+            add_down_column(y, coef[t, j] * u, s, dn_q, dn_s)
 
-    return ffn4, ffn8
+
+@numba.njit(fastmath=True, cache=True, nogil=True)
+def ffn8(x, x_sum, slots, coef, counts, up_q, up_s, up_m, zero, block, dn_q, dn_s, out, c):
+    """8-bit rows (one byte per element), blocks of `block` elements; out, c as ffn4's."""
+    nb = up_s.shape[1]
+    chunks = out.shape[0]
+    for t in range(x.shape[0]):
+        y = out[c, t]
+        for j in range(counts[t] * c // chunks, counts[t] * (c + 1) // chunks):
+            s = slots[t, j]
+            u = np.float32(0.0)
+            for b in range(nb):
+                acc = np.float32(0.0)
+                base = b * block
+                for i in range(block):
+                    acc += np.float32(up_q[s, base + i]) * x[t, base + i]
+                u += up_s[s, b] * (acc - zero * x_sum[t, b]) + up_m[s, b] * x_sum[t, b]
+            add_down_column(y, coef[t, j] * u, s, dn_q, dn_s)
 
 
 def sparse_ffn(x: np.ndarray, block: int, slots: np.ndarray, coef: np.ndarray,
                counts: np.ndarray, pool, chunks: int = 1) -> np.ndarray:
     """x (T, K) float32 -> (T, D): sum over each row's active slots (see module docstring)."""
-    global _KERNELS
-    if _KERNELS is None:
-        _KERNELS = _build()
-    ffn4, ffn8 = _KERNELS
     t, k = x.shape
     x = np.ascontiguousarray(x, np.float32)
     x_sum = x.reshape(t, k // block, block).sum(-1)  # (T, nb)

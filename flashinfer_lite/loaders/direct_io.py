@@ -85,12 +85,8 @@ class FlashReader:
             return ALIGN
 
     def _read_one(self, offset: int, length: int, dest: int) -> int:
-        view = memoryview(self._buf)[dest : dest + length]
-        got = os.preadv(self.fd, [view], offset)
-        if got < length and self.mode != "buffered":
-            # O_DIRECT may return short at end of file; the tail is zero padding anyway
-            pass
-        return got
+        # a short read can only happen past the file's end: sections are padded to 4 KiB
+        return os.preadv(self.fd, [memoryview(self._buf)[dest : dest + length]], offset)
 
     def read(self, reads: list[tuple[int, int]]) -> list[int]:
         """Read each (offset, length) into the staging buffer, packed in order; returns each
