@@ -18,6 +18,13 @@ from .cache.kv import KVSpec, make_kv_caches
 from .chat_template import ChatTemplate
 from .config import ModelConfig
 from .errors import ContextLengthError, InvalidArgumentError, KVBudgetError
+from .filter.gemfilter import (
+    DEFAULT_KEEP,
+    DEFAULT_THRESHOLD,
+    FilterOptions,
+    FilterResult,
+    resolve_layer,
+)
 from .generate import GenerationChunk, StopMatcher, generate_step
 from .kernels.base import Backend
 from .loaders.flash_format import is_flash_dir, open_flash_dir
@@ -63,10 +70,10 @@ class Model:
                  ffn_share: float | None = None, skip_fraction: float = 0.3,
                  cold_skip_fraction: float | None = None, coalesce_gap: int = 4096,
                  ffn_mode: str = "ours", neuron_window: int = 5, kv_reserve_tokens: int = 1024,
-                 direct_io: bool = True):
-        if token_filter is not None:
-            raise InvalidArgumentError(
-                f"token_filter {token_filter!r} is not available yet (only None)")
+                 direct_io: bool = True, filter_keep: int = DEFAULT_KEEP,
+                 filter_layer: int | None = None, filter_threshold: int = DEFAULT_THRESHOLD):
+        self.filter_options = FilterOptions(token_filter, filter_keep, filter_layer,
+                                            filter_threshold)  # validates
         if prefill_chunk < 1:
             raise InvalidArgumentError(f"prefill_chunk must be >= 1; got {prefill_chunk!r}")
         self.kv_spec = KVSpec(kv_cache, kv_window, kv_sinks, kv_residual)  # validates
@@ -112,6 +119,8 @@ class Model:
         self.prefill_chunk = prefill_chunk
         self.chat_template = ChatTemplate.for_model(self._file.get("tokenizer.chat_template"),
                                                     self.config.architecture)
+        resolve_layer(self.filter_options, self.config)  # a bad filter_layer fails at load
+        self._gemfilter = None
         self._lock = threading.RLock()
         self.load_s = time.perf_counter() - t0
         self.stats: dict = {"load_s": self.load_s, **self.memory_report()}
@@ -330,12 +339,15 @@ class Model:
                temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95,
                min_p: float = 0.05, repeat_penalty: float = 1.0, repeat_last_n: int = 64,
                seed: int | None = None, stop: str | Sequence[str] | None = None,
-               ) -> Iterator[GenerationChunk]:
+               **filter_overrides) -> Iterator[GenerationChunk]:
         """Yield GenerationChunk(text, token, stats) as tokens are generated.
 
         prompt: text (tokenized with BOS, special tokens parsed) or token ids. Generation ends at
         an end-of-generation token, a stop string (not included), max_tokens, or the context end.
+        filter_overrides: token_filter, filter_keep, filter_layer, filter_threshold for this
+        call (default: what load() was given).
         """
+        options = self._filter_options(filter_overrides)
         validate_sampling(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n)
         if not isinstance(max_tokens, (int, np.integer)) or max_tokens < 0:
             raise InvalidArgumentError(f"max_tokens must be an integer >= 0; got {max_tokens!r}")
@@ -344,21 +356,71 @@ class Model:
         ids = self._check_ids(ids)
         sampler = make_sampler(temperature, top_k, top_p, min_p, seed)
         penalty = make_repetition_penalty(repeat_penalty, repeat_last_n)
-        return self._stream(ids, max_tokens, sampler, [penalty] if penalty else [], stops)
+        return self._stream(ids, max_tokens, sampler, [penalty] if penalty else [], stops,
+                            options)
 
-    def _stream(self, ids, max_tokens, sampler, processors, stops):
+    # ---- token filter (GemFilter) ------------------------------------------------------------
+    _FILTER_KEYS = {"token_filter": "mode", "filter_keep": "keep", "filter_layer": "layer",
+                    "filter_threshold": "threshold"}
+
+    def _filter_options(self, overrides: dict) -> FilterOptions:
+        bad = sorted(set(overrides) - set(self._FILTER_KEYS))
+        if bad:
+            raise InvalidArgumentError(f"unknown generation option {bad[0]!r}")
+        if not overrides:
+            return self.filter_options
+        import dataclasses
+
+        options = dataclasses.replace(
+            self.filter_options, **{self._FILTER_KEYS[k]: v for k, v in overrides.items()})
+        resolve_layer(options, self.config)
+        return options
+
+    def filter_prompt(self, ids: Sequence[int], keep: int = DEFAULT_KEEP,
+                      layer: int | None = None) -> FilterResult:
+        """GemFilter's pass 1 and selection alone: which of ids a filtered call would keep."""
+        from .filter.gemfilter import GemFilter
+
+        layer = resolve_layer(FilterOptions("gemfilter", keep, layer), self.config)
+        with self._lock:
+            if self._gemfilter is None:
+                kinds = np.asarray(self._file.get("tokenizer.ggml.token_type", []), np.int64)
+                from .filter.gemfilter import CONTROL_TOKEN
+
+                is_control = np.zeros(self.config.vocab_size, bool)
+                is_control[: len(kinds)] = kinds == CONTROL_TOKEN
+                self._gemfilter = GemFilter(self._net, self.config, is_control,
+                                            self.tokenizer.token_text, self._make_caches,
+                                            self.prefill_chunk)
+            return self._gemfilter(list(ids), keep, layer)
+
+    def _stream(self, ids, max_tokens, sampler, processors, stops, options=None):
         with self._lock:
             t0 = time.perf_counter()
+            options = options or self.filter_options
+            n_prompt = len(ids)
+            filtered = None
+            if options.applies(len(ids)):
+                filtered = self.filter_prompt(ids, options.keep, options.layer)
+                ids = filtered.kept_ids  # pass 2 runs these from position 0 (or a cached prefix)
             reused = self._reuse_prefix(ids)
-            stats = {"prompt_tokens": len(ids), "prompt_tokens_reused": reused,
+            stats = {"prompt_tokens": n_prompt, "prompt_tokens_reused": reused,
                      "generated_tokens": 0, "backend": self.backend.name,
-                     "flash_bytes_read": 0, "flash_reads": 0, "neuron_cache_hit_rate": None}
+                     "flash_bytes_read": 0, "flash_reads": 0, "neuron_cache_hit_rate": None,
+                     "token_filter": "gemfilter" if filtered else None,
+                     "filter_tokens_before": n_prompt, "filter_tokens_after": len(ids),
+                     "filter_layer": filtered.layer if filtered else None,
+                     "filter_pass1_s": filtered.pass1_s if filtered else 0.0,
+                     "filter_pass2_s": None}
+            t_pass2 = time.perf_counter()
             if self._flash is not None:
                 self._flash.reset_counters()
             self.stats = stats
             if max_tokens == 0:
                 self._forward(ids[reused:], all_logits=False)
-                stats.update(self._timing(t0, t0, time.perf_counter(), 0, len(ids) - reused))
+                now = time.perf_counter()
+                stats["filter_pass2_s"] = now - t_pass2
+                stats.update(self._timing(t0, t0, now, 0, len(ids) - reused))
                 return
             decoder = self.tokenizer.stream_decoder()
             matcher = StopMatcher(stops)
@@ -375,6 +437,7 @@ class Model:
                     if t_first is None:
                         t_first = now
                         self._flash_at_first = self.flash_report()
+                        stats["filter_pass2_s"] = now - t_pass2
                     n += 1
                     stats.update(self._timing(t0, t_first, now, n, len(ids) - reused))
                     if self.tokenizer.is_eog(token):
@@ -442,6 +505,10 @@ class Model:
 def load(model=None, memory_budget=None, backend: str = "auto", kv_cache: str = "f16",
          token_filter=None, **options) -> Model:
     """Load a model: None (the bundled default), a short name, or a .gguf path.
+
+    Token filter: token_filter None | "gemfilter" | "auto" (gemfilter from filter_threshold
+    prompt tokens on, default 4096); filter_keep (default 1024) tokens kept, filter_layer (default:
+    the model's, see filter/gemfilter.py) the layer that scores them.
 
     KV cache options: kv_cache "f16" | "q8" | "q4"; kv_window=N bounds the cache to kv_sinks
     (default 4) first + at least N recent positions (StreamingLLM), so a context may run past

@@ -64,18 +64,24 @@ class AttentionCore:
                                self.rope_scale, self.freq_factors)
         return apply_rope(k, cos, sin, self.cfg.rope_type)
 
-    def __call__(self, q, k, v, cache: KVCache, positions: np.ndarray) -> np.ndarray:
+    def rotate(self, q, k, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Projected q (T, H*D), k (T, Hkv*D) -> q (T, H, D), k (T, Hkv, D) after the q/k norms
+        and RoPE at `positions`: what attention scores (also the token filter's input)."""
         c = self.cfg
         t = q.shape[0]
         q = q.reshape(t, c.n_heads, c.head_dim)  # (T, H, D)
         k = k.reshape(t, c.n_kv_heads, c.head_dim)  # (T, Hkv, D)
-        v = v.reshape(t, c.n_kv_heads, c.head_dim)
         if self.q_norm is not None:
             q = rms_norm(q, self.q_norm, c.norm_eps)
             k = rms_norm(k, self.k_norm, c.norm_eps)
         cos, sin = self._rope(positions)
         qk = apply_rope(np.concatenate([q, k], axis=1), cos, sin, c.rope_type)  # (T, H+Hkv, D)
-        q, k = qk[:, : c.n_heads], qk[:, c.n_heads :]
+        return qk[:, : c.n_heads], qk[:, c.n_heads :]
+
+    def __call__(self, q, k, v, cache: KVCache, positions: np.ndarray) -> np.ndarray:
+        c = self.cfg
+        q, k = self.rotate(q, k, positions)
+        v = v.reshape(q.shape[0], c.n_kv_heads, c.head_dim)  # (T, Hkv, D)
         cache.update(k, v)
         return cache.attend(q, positions, c.attn_scale, self.window, self.backend)
 
@@ -166,13 +172,19 @@ class CausalLM:
             x = x * np.float32(self.cfg.embed_scale)
         return x
 
-    def forward(self, ids: np.ndarray, caches: list[KVCache]) -> np.ndarray:
-        """Run ids (T,) after what the caches hold; returns final-normed hidden states (T, d)."""
+    def forward(self, ids: np.ndarray, caches: list[KVCache], stop_at: int | None = None):
+        """Run ids (T,) after what the caches hold; returns final-normed hidden states (T, d).
+
+        stop_at=r runs layers 0..r-1 only (their caches advance, the rest stay untouched) and
+        returns layer r's projected (q, k, v) before its attention core (the token filter's
+        pass 1; `cores[r].rotate` turns them into what attention would score)."""
         start = caches[0].offset
         positions = np.arange(start, start + len(ids))
         x = self.embed(np.asarray(ids, np.int64))
         q, k, v = self.first(x)
         for layer, (core, cache) in enumerate(zip(self.cores, caches, strict=True)):
+            if layer == stop_at:
+                return q, k, v
             attn = core(q, k, v, cache, positions)
             if self.ffn is None:
                 outs = self.segments[layer](x, attn)

@@ -1,0 +1,16 @@
+"""Prompt token filters: an early layer picks the tokens the full model reads (GemFilter)."""
+
+from .gemfilter import (
+                        DEFAULT_KEEP,
+                        DEFAULT_THRESHOLD,
+                        FilterOptions,
+                        FilterResult,
+                        GemFilter,
+                        default_filter_layer,
+                        protected_mask,
+                        select,
+                        smooth,
+)
+
+__all__ = ["DEFAULT_KEEP", "DEFAULT_THRESHOLD", "FilterOptions", "FilterResult", "GemFilter",
+           "default_filter_layer", "protected_mask", "select", "smooth"]

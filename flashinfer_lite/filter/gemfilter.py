@@ -1,0 +1,215 @@
+"""GemFilter: an early layer of the model picks the prompt tokens that the rest of it sees.
+
+Pass 1 runs layers 0..r-1 over the whole prompt in chunks (only those layers' KV caches, and
+layer r's rotated keys, are held), then scores every token by the last token's query at layer r:
+the raw inner product q_last . k_j (after q/k norms and RoPE), summed over heads, smoothed by a
+width-5 moving average. The top `keep` tokens stay, in their original order. Pass 2 (the
+caller) runs the full model on the kept tokens from position 0, and decodes as usual.
+(Shi et al. 2024, "Discovering the Gems in Early Layers", arXiv 2409.17422.)
+
+Beyond the paper: the chat template's structural tokens (control tokens and the role line after
+each) and the final user turn (the question) are always kept whole, so pass 2 reads a
+well-formed conversation that ends in the question it must answer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..config import ModelConfig
+from ..errors import InvalidArgumentError
+
+FILTER_MODES = ("gemfilter", "auto")
+DEFAULT_KEEP = 1024
+# token_filter="auto" applies from this many prompt tokens on (chosen from
+# benchmarks/results/gemfilter_gemma3-270m.json: see the README's GemFilter section).
+DEFAULT_THRESHOLD = 4096
+SMOOTH_WIDTH = 5  # the paper's avg_pool1d kernel
+STRUCTURE_SPAN = 4  # tokens after a control token that may hold its role line ("user\n")
+CONTROL_TOKEN = 3  # tokenizer.ggml.token_type of control tokens (<bos>, <start_of_turn>, ...)
+
+
+@dataclass(frozen=True)
+class FilterOptions:
+    """What load()/generate() were asked for: mode None | "gemfilter" | "auto", the number of
+    tokens to keep, the filter layer (None: the model's default) and auto's threshold."""
+
+    mode: str | None = None
+    keep: int = DEFAULT_KEEP
+    layer: int | None = None
+    threshold: int = DEFAULT_THRESHOLD
+
+    def __post_init__(self):
+        if self.mode is not None and self.mode not in FILTER_MODES:
+            raise InvalidArgumentError(
+                f"token_filter must be None, 'gemfilter' or 'auto'; got {self.mode!r}")
+        for name, value, low in (("filter_keep", self.keep, 1),
+                                 ("filter_threshold", self.threshold, 1)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise InvalidArgumentError(f"{name} must be an integer >= {low}; got {value!r}")
+        if self.layer is not None and (isinstance(self.layer, bool) or
+                                       not isinstance(self.layer, (int, np.integer))
+                                       or self.layer < 0):
+            raise InvalidArgumentError(
+                f"filter_layer must be an integer >= 0 or None; got {self.layer!r}")
+
+    def applies(self, n_tokens: int) -> bool:
+        """Whether a prompt of n_tokens is filtered: never when it fits in `keep` anyway."""
+        if self.mode is None or n_tokens <= self.keep:
+            return False
+        return self.mode == "gemfilter" or n_tokens >= self.threshold
+
+
+def default_filter_layer(cfg: ModelConfig) -> int:
+    """Where pass 1 stops. A model that mixes sliding-window and global layers: its first
+    global layer (Gemma 3 270M: layer 5; sliding layers cannot see past their window, measured
+    in benchmarks/results/gemfilter_gemma3-270m.json). Otherwise 40% of the depth, the paper's
+    choice (layer 13 of Llama 3.1 8B's 32); not measured here for those models."""
+    if cfg.sliding_window is not None:
+        for layer in range(1, cfg.n_layers):
+            if not cfg.is_sliding(layer):
+                return layer
+    return max(1, round(0.4 * cfg.n_layers))
+
+
+def resolve_layer(options: FilterOptions, cfg: ModelConfig) -> int:
+    layer = default_filter_layer(cfg) if options.layer is None else int(options.layer)
+    if layer >= cfg.n_layers:
+        raise InvalidArgumentError(
+            f"filter_layer must be below the model's {cfg.n_layers} layers; got {layer}")
+    return layer
+
+
+def smooth(scores: np.ndarray, width: int = SMOOTH_WIDTH) -> np.ndarray:
+    """Moving average over `width` neighbours, zeros beyond the ends (avg_pool1d with padding
+    width//2, counting the padding), so a token is kept with the words around it."""
+    if width % 2 != 1:
+        raise ValueError(f"smoothing width must be odd; got {width}")
+    return np.convolve(scores, np.full(width, 1.0 / width), mode="same").astype(np.float32)
+
+
+def select(scores: np.ndarray, keep: int, protected: np.ndarray | None = None) -> np.ndarray:
+    """Indices of the kept tokens, ascending: every protected one, then the highest scores
+    until `keep` tokens are kept (ties go to the earlier token). Protected tokens beyond `keep`
+    are still all kept: they are the structure and the question."""
+    n = len(scores)
+    if n <= keep:
+        return np.arange(n)
+    prot = np.zeros(n, bool) if protected is None else np.asarray(protected, bool)
+    room = keep - int(prot.sum())
+    chosen = np.flatnonzero(prot)
+    if room > 0:
+        ranked = np.where(prot, -np.inf, np.asarray(scores, np.float64))
+        top = np.argsort(-ranked, kind="stable")[:room]
+        chosen = np.concatenate([chosen, top])
+    return np.sort(chosen)
+
+
+def protected_mask(ids: Sequence[int], is_control: np.ndarray, token_text: Callable[[int], str],
+                   tail_cap: int) -> np.ndarray:
+    """Tokens kept whatever their score: control tokens with the role line after each
+    ("<start_of_turn>user\\n"), and the question: the final user turn whole when it has at most
+    `tail_cap` tokens, else its last line(s) within `tail_cap` tokens. A prompt without a user
+    turn (raw text) keeps its last line the same way."""
+    ids = np.asarray(ids, np.int64)
+    n = len(ids)
+    mask = np.zeros(n, bool)
+    controls = np.flatnonzero(is_control[ids])
+    last_user = None
+    for c in controls:
+        mask[c] = True
+        role = ""
+        for j in range(c + 1, min(n, c + 1 + STRUCTURE_SPAN)):
+            if is_control[ids[j]]:
+                break
+            mask[j] = True
+            text = token_text(int(ids[j]))
+            role += text
+            if "\n" in text:
+                break
+        if role.strip().lower().startswith("user"):
+            last_user = c
+    if last_user is not None and n - last_user <= tail_cap:
+        mask[last_user:] = True
+        return mask
+    # the question: the last line with content, before any trailing structure
+    end = n
+    while end > 0 and mask[end - 1]:
+        end -= 1
+    start = end
+    floor = max(0, end - tail_cap)
+    while start > floor and "\n" not in token_text(int(ids[start - 1])):
+        start -= 1
+    mask[start:] = True
+    return mask
+
+
+@dataclass
+class FilterResult:
+    kept: np.ndarray  # (k,) indices into the prompt, ascending
+    kept_ids: list[int]
+    scores: np.ndarray  # (N,) smoothed scores
+    layer: int
+    pass1_s: float
+
+    @property
+    def tokens_before(self) -> int:
+        return len(self.scores)
+
+    @property
+    def tokens_after(self) -> int:
+        return len(self.kept)
+
+
+class GemFilter:
+    """Pass 1 and the selection for one model (net: a models.common.CausalLM)."""
+
+    def __init__(self, net, cfg: ModelConfig, is_control: np.ndarray,
+                 token_text: Callable[[int], str], make_caches: Callable[[], list],
+                 chunk: int = 256):
+        self.net, self.cfg, self.is_control = net, cfg, is_control
+        self.token_text, self.make_caches, self.chunk = token_text, make_caches, chunk
+
+    def scores(self, ids: Sequence[int], layer: int) -> np.ndarray:
+        """(N,) raw scores: the last token's query at `layer` against every key there, summed
+        over heads (before smoothing)."""
+        c = self.cfg
+        n = len(ids)
+        ids = np.asarray(ids, np.int64)
+        caches = self.make_caches()  # only layers < `layer` are written
+        # layer r's rotated keys, float16: 16 MB for Gemma 3 at 32k tokens
+        keys = np.empty((n, c.n_kv_heads, c.head_dim), np.float16)  # (N, Hkv, D)
+        q_last = None
+        for s in range(0, n, self.chunk):
+            part = ids[s : s + self.chunk]
+            q, k, _ = self.net.forward(part, caches, stop_at=layer)
+            positions = np.arange(s, s + len(part))
+            q, k = self.net.cores[layer].rotate(q, k, positions)  # (T, H, D), (T, Hkv, D)
+            keys[s : s + len(part)] = k
+            q_last = q[-1]
+        del caches
+        # sum over heads of q_h . k_{kv(h)} = (sum of a KV group's queries) . k_kv
+        group = c.n_heads // c.n_kv_heads
+        q_sum = q_last.reshape(c.n_kv_heads, group, c.head_dim).sum(axis=1)  # (Hkv, D)
+        out = np.empty(n, np.float32)
+        step = 8192
+        for s in range(0, n, step):
+            block = keys[s : s + step].astype(np.float32)  # (S, Hkv, D)
+            out[s : s + step] = np.einsum("skd,kd->s", block, q_sum)
+        return out
+
+    def protected(self, ids: Sequence[int], keep: int) -> np.ndarray:
+        return protected_mask(ids, self.is_control, self.token_text, tail_cap=max(1, keep // 4))
+
+    def __call__(self, ids: Sequence[int], keep: int, layer: int) -> FilterResult:
+        t0 = time.perf_counter()
+        raw = self.scores(ids, layer)
+        smoothed = smooth(raw)
+        kept = select(smoothed, keep, self.protected(ids, keep))
+        ids = list(ids)
+        return FilterResult(kept, [ids[i] for i in kept], smoothed, layer,
+                            time.perf_counter() - t0)
