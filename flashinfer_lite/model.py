@@ -19,10 +19,12 @@ from .chat_template import ChatTemplate
 from .config import ModelConfig
 from .errors import ContextLengthError, InvalidArgumentError, KVBudgetError
 from .filter.gemfilter import (
+    CONTROL_TOKEN,
     DEFAULT_KEEP,
     DEFAULT_THRESHOLD,
     FilterOptions,
     FilterResult,
+    GemFilter,
     resolve_layer,
 )
 from .generate import GenerationChunk, StopMatcher, generate_step
@@ -379,20 +381,21 @@ class Model:
     def filter_prompt(self, ids: Sequence[int], keep: int = DEFAULT_KEEP,
                       layer: int | None = None) -> FilterResult:
         """GemFilter's pass 1 and selection alone: which of ids a filtered call would keep."""
-        from .filter.gemfilter import GemFilter
-
         layer = resolve_layer(FilterOptions("gemfilter", keep, layer), self.config)
         with self._lock:
-            if self._gemfilter is None:
-                kinds = np.asarray(self._file.get("tokenizer.ggml.token_type", []), np.int64)
-                from .filter.gemfilter import CONTROL_TOKEN
+            return self.gemfilter(list(ids), keep, layer)
 
-                is_control = np.zeros(self.config.vocab_size, bool)
-                is_control[: len(kinds)] = kinds == CONTROL_TOKEN
-                self._gemfilter = GemFilter(self._net, self.config, is_control,
-                                            self.tokenizer.token_text, self._make_caches,
-                                            self.prefill_chunk)
-            return self._gemfilter(list(ids), keep, layer)
+    @property
+    def gemfilter(self) -> GemFilter:
+        """The GemFilter of this model (built on first use: it reads the token types)."""
+        if self._gemfilter is None:
+            kinds = np.asarray(self._file.get("tokenizer.ggml.token_type", []), np.int64)
+            is_control = np.zeros(self.config.vocab_size, bool)
+            is_control[: len(kinds)] = kinds[: self.config.vocab_size] == CONTROL_TOKEN
+            self._gemfilter = GemFilter(self._net, self.config, is_control,
+                                        self.tokenizer.token_text, self._make_caches,
+                                        self.prefill_chunk)
+        return self._gemfilter
 
     def _stream(self, ids, max_tokens, sampler, processors, stops, options=None):
         with self._lock:
