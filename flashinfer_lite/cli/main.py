@@ -38,6 +38,21 @@ def common_model_options(f):
                           "what the model needs, FFN weights stay on flash")(f)
     f = click.option("--ffn-share", type=click.FloatRange(0, 1, min_open=True), default=None,
                      help="keep this fraction of FFN neurons in DRAM (the rest on flash)")(f)
+    return filter_options(f)
+
+
+def filter_options(f):
+    """GemFilter flags; they reach load() as **filter_opts."""
+    f = click.option("--token-filter", type=click.Choice(["none", "gemfilter", "auto"]),
+                     default="none", show_default=True,
+                     help="filter long prompts with an early layer (GemFilter); auto: from "
+                          "--filter-threshold tokens on")(f)
+    f = click.option("--filter-keep", type=click.IntRange(min=1), default=1024,
+                     show_default=True, help="prompt tokens GemFilter keeps")(f)
+    f = click.option("--filter-layer", type=click.IntRange(min=0), default=None,
+                     help="layer whose attention scores the tokens (default: the model's)")(f)
+    f = click.option("--filter-threshold", type=click.IntRange(min=1), default=4096,
+                     show_default=True, help="prompt length from which auto filters")(f)
     return f
 
 
@@ -54,7 +69,7 @@ def sampling_options(f):
 
 
 def _load(model, backend, threads, ctx_size, kv_cache, memory_budget, ffn_share=None,
-          kv_window=None, kv_sinks=4):
+          kv_window=None, kv_sinks=4, token_filter="none", **filter_opts):
     from .. import load
 
     budget = memory_budget
@@ -62,7 +77,8 @@ def _load(model, backend, threads, ctx_size, kv_cache, memory_budget, ffn_share=
         budget = float(budget)  # a fraction of the model file
     return load(model, memory_budget=budget, backend=backend, kv_cache=kv_cache,
                 ctx_size=ctx_size, threads=threads, ffn_share=ffn_share, kv_window=kv_window,
-                kv_sinks=kv_sinks)
+                kv_sinks=kv_sinks, token_filter=None if token_filter == "none" else token_filter,
+                **filter_opts)
 
 
 def _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, default_temp):
@@ -88,10 +104,10 @@ def app():
 @click.option("--json", "as_json", is_flag=True, help="print text and stats as one JSON object")
 def generate(model, backend, threads, ctx_size, kv_cache, kv_window, kv_sinks, memory_budget,
              ffn_share, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, prompt,
-             max_tokens, use_template, as_json):
+             max_tokens, use_template, as_json, **filter_opts):
     """One-shot generation from a prompt."""
     m = _load(model, backend, threads, ctx_size, kv_cache, memory_budget, ffn_share, kv_window,
-              kv_sinks)
+              kv_sinks, **filter_opts)
     kw = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, 0.0)
     source = m.apply_chat_template([{"role": "user", "content": prompt}]) if use_template \
         else prompt
@@ -117,12 +133,12 @@ def generate(model, backend, threads, ctx_size, kv_cache, kv_window, kv_sinks, m
 @click.option("-s", "--system", default=None, help="a system prompt")
 def chat(model, backend, threads, ctx_size, kv_cache, kv_window, kv_sinks, memory_budget,
          ffn_share, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, max_tokens,
-         system):
+         system, **filter_opts):
     """Chat in the terminal (or through a pipe). /reset, /stats, /exit; Ctrl-C stops a reply."""
     from .chat_loop import run_chat
 
     m = _load(model, backend, threads, ctx_size, kv_cache, memory_budget, ffn_share, kv_window,
-              kv_sinks)
+              kv_sinks, **filter_opts)
     kw = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, 0.7)
     run_chat(m, system, max_tokens, kw)
 
