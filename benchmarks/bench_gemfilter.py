@@ -82,7 +82,7 @@ class KeyRecorder:
 
 
 def write(result: dict) -> None:
-    RESULTS.mkdir(exist_ok=True)
+    OUT.parent.mkdir(exist_ok=True)
     tmp = OUT.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(OUT)
@@ -332,6 +332,7 @@ def plot(result: dict) -> None:
 
 
 def main():
+    global OUT
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("what", choices=["run", "plot", "_child"])
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768])
@@ -346,6 +347,7 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="skip steps already in the JSON")
     p.add_argument("--order", nargs="*", help="steps to run, in order: accuracy:N speed:N")
+    p.add_argument("--out", type=Path, default=OUT, help="the JSON to write (and the .png)")
     # _child
     p.add_argument("--length", type=int)
     p.add_argument("--mode", choices=["full", "filtered"])
@@ -353,6 +355,8 @@ def main():
     p.add_argument("--depth", type=float)
     p.add_argument("--keep", type=int, default=1024)
     args = p.parse_args()
+    OUT = args.out
+    args.out = str(args.out)
     if args.what == "_child":
         print(json.dumps(speed_child(args.length, args.mode, args.key, args.depth, args.keep)))
     elif args.what == "plot":

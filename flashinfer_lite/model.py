@@ -414,6 +414,7 @@ class Model:
                      "filter_tokens_before": n_prompt, "filter_tokens_after": len(ids),
                      "filter_layer": filtered.layer if filtered else None,
                      "filter_pass1_s": filtered.pass1_s if filtered else 0.0,
+                     "filter_pass1_bytes": filtered.pass1_bytes if filtered else 0,
                      "filter_pass2_s": None}
             t_pass2 = time.perf_counter()
             if self._flash is not None:

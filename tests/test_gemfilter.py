@@ -144,6 +144,7 @@ def test_gemma_pass_key_kept_and_pass2_from_position_0(gemma3):
     assert (s["token_filter"], s["filter_tokens_before"], s["filter_tokens_after"]) == \
         ("gemfilter", len(ids), 192)
     assert s["filter_layer"] == 5 and s["filter_pass1_s"] > 0 and s["filter_pass2_s"] > 0
+    assert s["filter_pass1_bytes"] >= len(ids) * 256 * 2  # layer 5's float16 keys (1 KV head)
     kept = m.filter_prompt(ids, keep=192).kept_ids
     digits = m.tokenize(str(key), add_bos=False)
     assert all(d in kept for d in digits)

@@ -155,6 +155,7 @@ class FilterResult:
     scores: np.ndarray  # (N,) smoothed scores
     layer: int
     pass1_s: float
+    pass1_bytes: int = 0  # what pass 1 held at its end: layer r's keys + layers < r's caches
 
     @property
     def tokens_before(self) -> int:
@@ -176,7 +177,7 @@ class GemFilter:
 
     def scores(self, ids: Sequence[int], layer: int) -> np.ndarray:
         """(N,) raw scores: the last token's query at `layer` against every key there, summed
-        over heads (before smoothing)."""
+        over heads (before smoothing). Sets `last_pass1_bytes`."""
         c = self.cfg
         n = len(ids)
         ids = np.asarray(ids, np.int64)
@@ -191,6 +192,7 @@ class GemFilter:
             q, k = self.net.cores[layer].rotate(q, k, positions)  # (T, H, D), (T, Hkv, D)
             keys[s : s + len(part)] = k
             q_last = q[-1]
+        self.last_pass1_bytes = keys.nbytes + sum(c.nbytes for c in caches)
         del caches
         # sum over heads of q_h . k_{kv(h)} = (sum of a KV group's queries) . k_kv
         group = c.n_heads // c.n_kv_heads
@@ -212,4 +214,4 @@ class GemFilter:
         kept = select(smoothed, keep, self.protected(ids, keep))
         ids = list(ids)
         return FilterResult(kept, [ids[i] for i in kept], smoothed, layer,
-                            time.perf_counter() - t0)
+                            time.perf_counter() - t0, self.last_pass1_bytes)
