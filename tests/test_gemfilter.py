@@ -187,3 +187,20 @@ def test_cli_filter_flags(smollm2_path):
     assert proc.returncode != 0
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "magic" in lines[0]
+
+
+def test_rope_rows_come_from_one_shared_block_per_configuration(gemma3):
+    """Long prompts must not grow a RoPE table per layer (590 MB at 32k on Gemma 3): rows
+    come from one block per configuration, equal to computing them directly."""
+    from flashinfer_lite.kernels.ops import rope_tables
+    from flashinfer_lite.models.common import RopeTable
+
+    assert len({id(c._rope_table) for c in gemma3._net.cores}) == 2  # local + global bases
+    table = RopeTable(256, 1e6, 1.0, None)
+    for positions in (np.arange(0, 256), np.arange(1000, 1300), np.array([40000]),
+                      np.arange(5, 9), np.arange(3000, 3000 + 2500)):
+        cos, sin = table.rows(positions)
+        ref_cos, ref_sin = rope_tables(positions, 256, 1e6)
+        np.testing.assert_array_equal(cos, ref_cos)
+        np.testing.assert_array_equal(sin, ref_sin)
+        assert len(table.cos) <= max(RopeTable.STEP, len(positions))

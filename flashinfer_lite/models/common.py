@@ -25,12 +25,38 @@ def optional_dense(f: GGUFFile, name: str) -> np.ndarray | None:
     return f.dense(name) if name in f.tensors else None
 
 
+class RopeTable:
+    """cos, sin rows of one RoPE configuration, shared by the layers that use it, for one block
+    of at least STEP positions at a time (recomputed when a call leaves it: once per STEP
+    decoded tokens). A table of every position seen was 1 KB per position per layer at
+    head_dim 256 (18 tables, 590 MB at 32k positions on Gemma 3, plus float64 temporaries
+    whenever one grew); a block is 1 MB per configuration."""
+
+    STEP = 1024
+
+    def __init__(self, head_dim: int, base: float, scale: float, freq_factors):
+        self.head_dim, self.base, self.scale = head_dim, base, scale
+        self.freq_factors = freq_factors
+        self.start = 0
+        self.cos = self.sin = np.zeros((0, head_dim // 2), np.float32)
+
+    def rows(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """cos, sin (T, head_dim // 2) for integer positions (T,)."""
+        lo, hi = int(positions.min()), int(positions.max()) + 1
+        if lo < self.start or hi > self.start + len(self.cos):
+            self.start = lo
+            self.cos, self.sin = rope_tables(np.arange(lo, lo + max(self.STEP, hi - lo)),
+                                             self.head_dim, self.base, self.scale,
+                                             self.freq_factors)
+        return self.cos[positions - self.start], self.sin[positions - self.start]
+
+
 class AttentionCore:
     """One layer's attention after the projections: q/k RMSNorm, RoPE, cache, softmax."""
 
-    ROPE_TABLE_STEP = 1024
-
-    def __init__(self, f: GGUFFile, cfg: ModelConfig, layer: int, backend: Backend):
+    def __init__(self, f: GGUFFile, cfg: ModelConfig, layer: int, backend: Backend,
+                 rope_tables: dict | None = None):
+        """rope_tables: {(base, scale): RopeTable} shared by a model's layers (None: own)."""
         p = f"blk.{layer}."
         self.cfg, self.backend = cfg, backend
         self.q_norm = optional_dense(f, p + "attn_q_norm.weight")
@@ -41,21 +67,15 @@ class AttentionCore:
         # Linear RoPE scaling applies to the global layers only (llama.cpp: freq_scale_swa = 1).
         self.rope_scale = 1.0 if sliding else cfg.rope_scale
         self.freq_factors = optional_dense(f, "rope_freqs.weight")  # Llama 3.1 long-context
-        self._cos = self._sin = np.zeros((0, cfg.head_dim // 2), np.float32)
+        tables = {} if rope_tables is None else rope_tables
+        key = (self.rope_base, self.rope_scale)
+        if key not in tables:
+            tables[key] = RopeTable(cfg.head_dim, self.rope_base, self.rope_scale,
+                                    self.freq_factors)
+        self._rope_table = tables[key]
 
     def _rope(self, positions: np.ndarray):
-        """cos, sin rows for positions, from a table grown in steps (not recomputed per token).
-        Past the model's context (a bounded cache runs on) they are computed directly, so the
-        table stays the size of the context."""
-        end = int(positions[-1]) + 1
-        if end > self.cfg.context_length:
-            return rope_tables(positions, self.cfg.head_dim, self.rope_base, self.rope_scale,
-                               self.freq_factors)
-        if end > len(self._cos):
-            n = -(-end // self.ROPE_TABLE_STEP) * self.ROPE_TABLE_STEP
-            self._cos, self._sin = rope_tables(np.arange(n), self.cfg.head_dim, self.rope_base,
-                                               self.rope_scale, self.freq_factors)
-        return self._cos[positions], self._sin[positions]
+        return self._rope_table.rows(positions)
 
     def shift_keys(self, k: np.ndarray, delta: int) -> np.ndarray:
         """Keys (n, Hkv, D) rotated by RoPE at some positions -> at those positions + delta
@@ -98,7 +118,8 @@ class CausalLM:
         self.file, self.cfg, self.backend, self.ffn = f, cfg, backend, ffn
         d, q_width = cfg.d_model, cfg.n_heads * cfg.head_dim
         n = cfg.n_layers
-        self.cores = [AttentionCore(f, cfg, i, backend) for i in range(n)]
+        rope_tables: dict = {}  # one per RoPE configuration, shared by the layers
+        self.cores = [AttentionCore(f, cfg, i, backend, rope_tables) for i in range(n)]
 
         def compile_segment(fn, widths):
             seg = backend.compile(f, fn, widths)
