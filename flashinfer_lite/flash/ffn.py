@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from ..cache.neuron_pool import NeuronPool, RawNeuronPool
-from ..kernels.bundle_ffn import RAW_UP_TYPES, bundle_ffn
+from ..kernels.bundle_ffn import RAW_UP_TYPES, bundle_ffn, gather_rows
 from ..kernels.ops import ACTIVATIONS
 from ..kernels.sparse_ffn import sparse_ffn
 from ..loaders.direct_io import FlashReader, coalesce
@@ -121,7 +121,9 @@ class FlashFFN:
             r_dst = np.array(dests)
             idx = np.searchsorted(r_off, starts, side="right") - 1
             pos = r_dst[idx] + (starts - r_off[idx])
-            return self.reader.staging[pos[:, None] + np.arange(lay.stride)]
+            out = np.empty((len(neurons), lay.stride), np.uint8)
+            gather_rows(self.reader.staging, pos.astype(np.int64), lay.stride, out)
+            return out
         # unbundled: the up row and the down column are separate reads
         al = self.reader.align
         up = [(s // al * al, al * (-(-(s % al + lay.up_bytes) // al))) for s in starts]
