@@ -331,6 +331,8 @@ class Model:
             return self._forward(ids, all_logits=True)
 
     def _check_ids(self, ids) -> list[int]:
+        if self._net is None:
+            raise InvalidArgumentError("this model is closed; load it again")
         ids = [int(i) for i in ids]
         if not ids:
             raise InvalidArgumentError("need at least one token")
