@@ -43,6 +43,7 @@ def test_threads_sharing_a_model_get_their_own_answers(smollm2):
     for p in prompts:
         smollm2.reset()
         want.append(smollm2.generate(p, max_tokens=5, **GREEDY))
+    smollm2.reset()  # else the thread that repeats the last prompt would reuse its cache
     got = [None] * len(prompts)
 
     def work(i):
@@ -53,7 +54,7 @@ def test_threads_sharing_a_model_get_their_own_answers(smollm2):
         t.start()
     for t in threads:
         t.join()
-    # each call reuses only a common prefix, which these prompts do not share beyond BOS
+    # these prompts share no prefix, so each thread's call is a fresh prefill, as above
     assert got == want
 
 

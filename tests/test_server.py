@@ -225,3 +225,27 @@ def test_cli_serve_warns_off_loopback_and_reads_key_from_env(tmp_path):
         proc.terminate()
         proc.wait(timeout=30)
         proc.stderr.close()
+
+
+def test_queue_limit_and_non_streaming_disconnect(smollm2):
+    """With room for one request, a second gets 503 while the first runs; a client that
+    hangs up while waiting for a non-streamed answer cancels it too."""
+    with LocalServer(smollm2, MODEL_ID, max_queue=1) as srv:
+        conn = http.client.HTTPConnection(srv.host, srv.port, timeout=60)
+        conn.request("POST", "/v1/completions", json.dumps(
+            {"model": MODEL_ID, "prompt": "1, 2, 3, 4,", "max_tokens": 400, "temperature": 0}),
+            {"Content-Type": "application/json"})
+        deadline = time.monotonic() + 20
+        while srv.engine.queued == 0:  # the first request has reached the worker
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        status, body = raw(srv, "POST", "/v1/completions",
+                           {"model": MODEL_ID, "prompt": "hi", "max_tokens": 2})
+        assert status == 503 and body["error"]["code"] == "server_busy"
+        conn.sock.close()  # hang up on the non-streamed request
+        conn.close()
+        while srv.engine.counters["cancelled"] == 0:
+            assert time.monotonic() < deadline, "the abandoned request ran on"
+            time.sleep(0.05)
+        assert smollm2.stats["generated_tokens"] < 400
+        still_serves(srv)
