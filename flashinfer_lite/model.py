@@ -83,7 +83,9 @@ class Model:
                  ffn_share: float | None = None, skip_fraction: float = 0.3,
                  cold_skip_fraction: float | None = None, coalesce_gap: int = 4096,
                  ffn_mode: str = "ours", neuron_window: int = 5, kv_reserve_tokens: int = 1024,
-                 direct_io: bool = True,
+                 direct_io: bool = True, vocab_on_flash: bool | None = None,
+                 head_candidates: int = 64, vocab_hot_rows: int = 1024,
+                 vocab_cache_rows: int = 4096,
                  progress: Callable[[int, int, str], None] | None = None):
         if token_filter is not None:
             raise InvalidArgumentError(
@@ -94,6 +96,7 @@ class Model:
         t0 = time.perf_counter()
         self.path = Path(path)
         self._flash = None
+        self._vocab_head = None
         manifest = None
         if is_flash_dir(self.path):
             manifest = open_flash_dir(self.path)
@@ -106,7 +109,8 @@ class Model:
         self.memory_budget = parse_budget(memory_budget, model_bytes)
         if ffn_share is not None and not 0 < ffn_share <= 1:
             raise InvalidArgumentError(f"ffn_share must be in (0, 1]; got {ffn_share!r}")
-        if manifest is None and (ffn_share is not None or self._needs_flash(model_bytes)):
+        if manifest is None and (ffn_share is not None or vocab_on_flash
+                                 or self._needs_flash(model_bytes)):
             from .flash.convert import ensure_converted, progress_line
 
             self.path = ensure_converted(self.path, progress=progress or progress_line)
@@ -119,8 +123,15 @@ class Model:
         self.tokenizer = Tokenizer(self._file.path)
         self.backend = make_backend(backend, self.threads)
         ffn = self._run_flash_ffn if manifest is not None else None
-        self._net = build_model(self._file, self.backend, self.config, ffn=ffn)
+        if vocab_on_flash is None:
+            vocab_on_flash = manifest is not None and self._vocab_needs_flash(
+                manifest, model_bytes, kv_cache, kv_reserve_tokens)
+        self._net = build_model(self._file, self.backend, self.config, ffn=ffn,
+                                head=not vocab_on_flash)
         self.plan = None
+        if vocab_on_flash:
+            self._setup_vocab(manifest, head_candidates, vocab_hot_rows, vocab_cache_rows,
+                              direct_io)
         if manifest is not None:
             self._setup_flash(manifest, ffn_share, skip_fraction, ffn_mode, neuron_window,
                               kv_reserve_tokens, kv_cache, direct_io, cold_skip_fraction,
@@ -145,6 +156,61 @@ class Model:
         by ONNX Runtime, plus the KV reserve) switches the FFN to flash."""
         return self.memory_budget is not None and self.memory_budget < 1.2 * model_bytes
 
+    def _kv_reserve_bytes(self, kv_cache: str, kv_tokens: int) -> int:
+        c = self.config
+        # bytes per cached value: f16 2, q8 1 + scales, q4 0.5 + scales (cache/ modules)
+        per_value = {"f16": 2.0, "f32": 4.0, "q8": 1.125, "q4": 0.625}.get(kv_cache, 2.0)
+        return int(2 * c.n_layers * c.n_kv_heads * c.head_dim * per_value
+                   * min(kv_tokens, self.n_ctx))
+
+    def _vocab_needs_flash(self, manifest, model_bytes, kv_cache, kv_tokens) -> bool:
+        """The planner's first choice: the head stays resident if it fits the budget next to
+        the other resident weights, the KV reserve and a quarter of the FFN's bundles; else
+        the vocabulary goes to flash (two-stage head). Weights held by ONNX Runtime measured
+        ~1.15x their GGUF bytes."""
+        if self.memory_budget is None:
+            return False
+        files = manifest.data["files"]
+        head = manifest.vocab["rows"] * manifest.vocab["row_bytes"]
+        tied = manifest.vocab["tied"]
+        resident = files["resident.gguf"]["size"] - (0 if tied else head)
+        need = (1.15 * resident + self._kv_reserve_bytes(kv_cache, kv_tokens)
+                + 0.25 * files["ffn.bin"]["size"])
+        return self.memory_budget < need
+
+    def _setup_vocab(self, manifest, n_candidates, hot_rows, cache_rows, direct_io):
+        """The vocabulary on flash: a resident low-bit preview head (compiled in slices like
+        the full head) + rows read on demand; the embedding comes from the same rows when the
+        head is tied to it."""
+        from gguf import GGMLQuantizationType
+
+        from .vocab.head import TwoStageHead
+        from .vocab.rows import VocabRows
+
+        if n_candidates < 1:
+            raise InvalidArgumentError(f"head_candidates must be >= 1; got {n_candidates!r}")
+        grid, d = manifest.preview(), self.config.d_model
+        step = self._net.HEAD_SLICE_ROWS
+        parts = [grid.rows(a, min(grid.n, a + step)) for a in range(0, grid.n, step)]
+        slices = [self.backend.compile(self._file, lambda g, h, p=p: [g.linear_packed(h, p)],
+                                       [d]) for p in parts]
+        self._preview_slices = slices
+        v = manifest.vocab
+        rows = VocabRows(manifest.path / "vocab.bin", manifest.token_order(),
+                         GGMLQuantizationType[v["qtype"]], d, hot_rows, cache_rows,
+                         max_batch=2048, direct=direct_io)
+        self._vocab_head = TwoStageHead(
+            lambda h: np.concatenate([sl(h)[0] for sl in slices], axis=1), rows, n_candidates)
+        if v["tied"]:
+            self._net.embed_rows = rows.rows
+
+    @property
+    def vocab_bytes(self) -> int:
+        """DRAM held for the vocabulary on flash: preview head + row pools and buffers."""
+        if self._vocab_head is None:
+            return 0
+        return sum(s.nbytes for s in self._preview_slices) + self._vocab_head.rows.nbytes
+
     def _setup_flash(self, manifest, ffn_share, skip_fraction, mode, window, kv_tokens,
                      kv_cache, direct_io, cold_skip_fraction, coalesce_gap):
         from .flash.ffn import FlashFFN
@@ -159,11 +225,9 @@ class Model:
                 import psutil
 
                 budget = int(psutil.virtual_memory().available * 0.5)
-            # bytes per cached value: f16 2, q8 1 + scales, q4 0.5 + scales (cache/ modules)
-            per_value = {"f16": 2.0, "f32": 4.0, "q8": 1.125, "q4": 0.625}.get(kv_cache, 2.0)
-            kv_per_token = int(2 * c.n_layers * c.n_kv_heads * c.head_dim * per_value)
             probe = FlashFFN.bytes_per_neuron(lay)
-            self.plan = plan(budget, self._net.nbytes, kv_per_token, min(kv_tokens, self.n_ctx),
+            self.plan = plan(budget, self._net.nbytes + self.vocab_bytes,
+                             self._kv_reserve_bytes(kv_cache, 1), min(kv_tokens, self.n_ctx),
                              lay.section, probe, c.n_layers, c.ffn_dim)
             capacity = self.plan.capacity
         try:
@@ -178,7 +242,10 @@ class Model:
         return self._flash(layer, h, gate)
 
     def flash_report(self) -> dict:
-        return self._flash.report() if self._flash is not None else {}
+        out = self._flash.report() if self._flash is not None else {}
+        if self._vocab_head is not None:
+            out.update(self._vocab_head.report())
+        return out
 
     # ---- text <-> ids ----------------------------------------------------------------------
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
@@ -191,7 +258,8 @@ class Model:
     @property
     def resident_bytes(self) -> int:
         """Weights held in DRAM: the backend's resident part plus the neuron pools."""
-        return self._net.nbytes + (self._flash.nbytes if self._flash is not None else 0)
+        return (self._net.nbytes + (self._flash.nbytes if self._flash is not None else 0)
+                + self.vocab_bytes)
 
     @property
     def kv_bytes(self) -> int:
@@ -271,6 +339,9 @@ class Model:
             if self._flash is not None:
                 self._flash.close()
                 self._flash = None
+            if self._vocab_head is not None:
+                self._vocab_head.rows.close()
+                self._vocab_head = None
             self._caches, self._cached_ids, self._net = [], [], None
             self._file.close()
 
@@ -281,8 +352,16 @@ class Model:
         self.close()
 
     # ---- forward -------------------------------------------------------------------------------
-    def _forward(self, ids: Sequence[int], all_logits: bool) -> np.ndarray:
-        """Feed ids after the cache in chunks; logits of the last position (vocab,) or all."""
+    def _head(self, h: np.ndarray, exact: bool) -> np.ndarray:
+        """(T, d) final hidden states -> (T, vocab) logits: the resident head, or with the
+        vocabulary on flash the two-stage head (generation) or the streamed exact head."""
+        if self._vocab_head is None:
+            return self._net.head(h)
+        return self._vocab_head.full(h) if exact else self._vocab_head(h)
+
+    def _forward(self, ids: Sequence[int], all_logits: bool, hidden: bool = False) -> np.ndarray:
+        """Feed ids after the cache in chunks; logits of the last position (vocab,) or all
+        (or with hidden=True the final-normed hidden states of all, (T, d))."""
         total = len(self._cached_ids) + len(ids)
         if total > self.n_ctx and not self.bounded:
             raise ContextLengthError(
@@ -296,16 +375,18 @@ class Model:
                 chunk = list(ids[s : s + self.prefill_chunk])
                 h = self._net.forward(np.asarray(chunk, np.int64), self._caches)
                 self._cached_ids.extend(chunk)
-                if all_logits:
-                    outs.append(self._net.head(h))
+                if hidden:
+                    outs.append(h)
+                elif all_logits:
+                    outs.append(self._head(h, exact=True))
                 elif s + self.prefill_chunk >= len(ids):
-                    outs.append(self._net.head(h[-1:]))
+                    outs.append(self._head(h[-1:], exact=False))
         except BaseException:
             # Ctrl-C or an error mid-chunk: roll every layer back to what _cached_ids says.
             for c in self._caches:
                 c.trim(c.offset - len(self._cached_ids))
             raise
-        return np.concatenate(outs) if all_logits else outs[-1][0]
+        return np.concatenate(outs) if all_logits or hidden else outs[-1][0]
 
     def _reuse_prefix(self, ids: Sequence[int]) -> int:
         """Trim the cache to its longest common prefix with ids (keeping >= 1 id to run)."""
@@ -329,6 +410,14 @@ class Model:
         with self._lock:
             self.reset()
             return self._forward(ids, all_logits=True)
+
+    def hidden_states(self, ids: Sequence[int]) -> np.ndarray:
+        """(len(ids), d_model) final-normed hidden states (what the head multiplies), for
+        measuring heads against each other."""
+        ids = self._check_ids(ids)
+        with self._lock:
+            self.reset()
+            return self._forward(ids, all_logits=False, hidden=True)
 
     def _check_ids(self, ids) -> list[int]:
         if self._net is None:
@@ -467,8 +556,11 @@ class Model:
         first = getattr(self, "_flash_at_first", None)
         if flash and first and n > 1:  # decode only: what each generated token cost
             for key in ("flash_bytes_read", "flash_reads", "io_s", "memory_management_s",
-                        "compute_s"):
-                flash[f"{key}_per_token"] = (flash[key] - first[key]) / (n - 1)
+                        "compute_s", "vocab_bytes_read", "vocab_reads", "head_s"):
+                if key in flash:
+                    flash[f"{key}_per_token"] = (flash[key] - first[key]) / (n - 1)
+            if "head_s_per_token" in flash and now > t_first:
+                flash["head_time_share"] = flash["head_s_per_token"] * (n - 1) / (now - t_first)
         return {
             **flash,
             "ttft_s": ttft,

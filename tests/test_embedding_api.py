@@ -106,6 +106,7 @@ def test_progress_callback_sees_first_load_conversion_and_can_stop_it(smollm2_pa
 
     with pytest.raises(Stop):
         fl.load(smollm2_path, ffn_share=0.5, progress=progress)
-    assert calls == [(0, 32, "calibrating neuron activity")]  # 30 layers + 2 steps
+    (step, total, what), = calls
+    assert step == 0 and total > 30 and "calibrat" in what  # a step per layer (30) and more
     flash = tmp_path / "flashinfer-lite" / "flash"
     assert not flash.exists() or not any(flash.iterdir())  # nothing half-written is left

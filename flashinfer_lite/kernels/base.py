@@ -30,6 +30,11 @@ class GraphBuilder(ABC):
         """x (T, K) @ W.T (+ b): W is the GGUF tensor `weight` (N, K), or its rows
         [start, stop) when `rows` is given (the output head is compiled in slices)."""
 
+    def linear_packed(self, x, grid):
+        """x (T, K) @ W.T for W a vocab/preview.PackedGrid (N, K) held outside any GGUF (the
+        preview head). Backends that cannot run it raise NotImplementedError."""
+        raise NotImplementedError(f"{type(self).__name__} has no packed low-bit matmul")
+
     @abstractmethod
     def rms_norm(self, x, weight: str, eps: float): ...
 

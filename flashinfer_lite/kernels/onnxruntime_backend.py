@@ -89,6 +89,16 @@ class _Tracer(GraphBuilder):
             y = self.op("Add", [y, self.const(self.f.dense(bias), "bias")])
         return y
 
+    def linear_packed(self, x, grid):
+        # codes, scales and zero points are already in MatMulNBits' layout (vocab/preview.py)
+        return self.op(
+            "MatMulNBits",
+            [x, self.const(grid.codes, "b"), self.const(grid.scale.reshape(-1), "s"),
+             self.const(grid.zero, "z")],
+            domain=MS_DOMAIN, K=grid.k, N=grid.n, bits=grid.bits, block_size=grid.block,
+            accuracy_level=self.accuracy_level,
+        )
+
     def rms_norm(self, x, weight, eps):
         return self.op("SimplifiedLayerNormalization", [x, self.const(self.f.dense(weight), "n")],
                        axis=-1, epsilon=float(eps))
