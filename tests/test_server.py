@@ -249,3 +249,14 @@ def test_queue_limit_and_non_streaming_disconnect(smollm2):
             time.sleep(0.05)
         assert smollm2.stats["generated_tokens"] < 400
         still_serves(srv)
+
+
+def test_kept_conversation_caches_stay_within_their_memory_bound(smollm2):
+    with LocalServer(smollm2, MODEL_ID, cache_slots=4, cache_bytes=7_000_000) as srv:
+        client = openai.OpenAI(base_url=srv.base_url, api_key="unused", max_retries=0)
+        for fruit in ("apple", "pear"):
+            client.chat.completions.create(model=MODEL_ID, max_tokens=1, messages=[
+                {"role": "user", "content": f"Spell {fruit}."}])
+        health = raw(srv, "GET", "/health")[1]
+        # a cache grows in 256-position blocks (~5.9 MB here): only the newest one fits
+        assert health["cache_slots"] == 1 and 0 < health["cache_slot_bytes"] <= 7_000_000

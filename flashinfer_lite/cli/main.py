@@ -226,26 +226,29 @@ def convert(model, out, force, verify, calibration_tokens):
                    "(or set FLASHINFER_LITE_API_KEY)")
 @click.option("--cache-slots", type=click.IntRange(min=0), default=4, show_default=True,
               help="conversations whose KV cache is kept for their next turn")
+@click.option("--cache-memory", default="256MB", show_default=True,
+              help="most memory the kept conversation caches may hold (e.g. 64MB)")
 @click.option("--max-queue", type=click.IntRange(min=1), default=64, show_default=True,
               help="requests waiting beyond this get 503")
 @click.option("--model-id", default=None,
               help="the name clients send as 'model' (default: -m's value or the file's stem)")
 def serve(model, backend, threads, ctx_size, kv_cache, kv_window, kv_sinks, memory_budget,
-          ffn_share, host, port, api_key, cache_slots, max_queue, model_id):
+          ffn_share, host, port, api_key, cache_slots, cache_memory, max_queue, model_id):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, ...)."""
     from pathlib import Path
 
+    from ..memory import parse_budget
+    from ..registry import DEFAULT_MODEL, SHORT_NAMES
     from ..server.run import _require_server_extra, is_loopback
     from ..server.run import serve as run_server
 
     _require_server_extra()  # before the model loads: a missing extra fails fast
+    cache_bytes = parse_budget(cache_memory, 0)
     if not is_loopback(host):
         click.echo(f"warning: listening on {host}: other machines can reach this server"
                    + ("" if api_key else " and it has no --api-key"), err=True)
     m = _load(model, backend, threads, ctx_size, kv_cache, memory_budget, ffn_share, kv_window,
               kv_sinks)
-    from ..registry import DEFAULT_MODEL, SHORT_NAMES
-
     if model_id:
         name = model_id
     elif model is None or model in SHORT_NAMES:
@@ -253,7 +256,7 @@ def serve(model, backend, threads, ctx_size, kv_cache, kv_window, kv_sinks, memo
     else:
         name = Path(model).name.removesuffix(".gguf").removesuffix(".flash")
     run_server(m, name, host=host, port=port, api_key=api_key or None, cache_slots=cache_slots,
-               max_queue=max_queue, log_level="warning",
+               cache_bytes=cache_bytes, max_queue=max_queue, log_level="warning",
                on_ready=lambda url: click.echo(f"serving {name} at {url}", err=True))
 
 

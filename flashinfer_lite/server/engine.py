@@ -62,12 +62,14 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 class Engine:
     """Serializes requests onto one Model (see the module docstring)."""
 
-    def __init__(self, model: Model, cache_slots: int = 4, max_queue: int = 64):
+    def __init__(self, model: Model, cache_slots: int = 4, max_queue: int = 64,
+                 cache_bytes: int | None = 256 * 2**20):
         if cache_slots < 0 or max_queue < 1:
             raise ValueError(f"cache_slots >= 0 and max_queue >= 1; got {cache_slots}, "
                              f"{max_queue}")
         self.model = model
         self.cache_slots = cache_slots
+        self.cache_bytes = cache_bytes  # bound on the parked caches' memory (None: no bound)
         self.max_queue = max_queue
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._slots: OrderedDict[int, _Slot] = OrderedDict()  # least recently used first
@@ -214,5 +216,6 @@ class Engine:
         if self.cache_slots == 0 or not state.ids:
             return
         self._slots[next(self._slot_ids)] = _Slot(state, prompt_len)
-        while len(self._slots) > self.cache_slots:
+        while self._slots and (len(self._slots) > self.cache_slots or (
+                self.cache_bytes is not None and self.slot_bytes() > self.cache_bytes)):
             self._slots.popitem(last=False)  # least recently used

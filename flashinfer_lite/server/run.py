@@ -47,12 +47,13 @@ class LocalServer:
 
     def __init__(self, model: Model, model_id: str, host: str = "127.0.0.1", port: int = 0,
                  api_key: str | None = None, cache_slots: int = 4, max_queue: int = 64,
-                 log_level: str = "warning"):
+                 cache_bytes: int | None = 256 * 2**20, log_level: str = "warning"):
         uvicorn = _require_server_extra()
         from .app import create_app
         from .engine import Engine
 
-        self.engine = Engine(model, cache_slots=cache_slots, max_queue=max_queue)
+        self.engine = Engine(model, cache_slots=cache_slots, max_queue=max_queue,
+                             cache_bytes=cache_bytes)
         self.app = create_app(self.engine, model_id, api_key=api_key)
         self._sock = _bind(host, port)
         self.host, self.port = self._sock.getsockname()[:2]
@@ -96,13 +97,15 @@ class LocalServer:
 
 def serve(model: Model, model_id: str, host: str = "127.0.0.1", port: int = 8080,
           api_key: str | None = None, cache_slots: int = 4, max_queue: int = 64,
-          log_level: str = "info", on_ready=None) -> None:
+          cache_bytes: int | None = 256 * 2**20, log_level: str = "info",
+          on_ready=None) -> None:
     """Serve in the foreground until Ctrl-C / SIGTERM. on_ready(base_url) once listening."""
     uvicorn = _require_server_extra()
     from .app import create_app
     from .engine import Engine
 
-    engine = Engine(model, cache_slots=cache_slots, max_queue=max_queue)
+    engine = Engine(model, cache_slots=cache_slots, max_queue=max_queue,
+                             cache_bytes=cache_bytes)
     app = create_app(engine, model_id, api_key=api_key)
     sock = _bind(host, port)
     bound = sock.getsockname()
