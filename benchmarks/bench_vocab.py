@@ -12,9 +12,11 @@ full head's, the recall of the full head's top 40, and the total-variation dista
 temperature-1 distributions (two-stage: exact candidates, capped preview tail; vocab/head.py).
 Writes benchmarks/results/vocab_fidelity_<model>.json.
 
-budget: a fresh child generates 64 tokens under the budget with the vocabulary on flash,
-against a dense child; RSS over the interpreter's baseline (after importing the libraries),
-flash bytes per token, head time share. Writes benchmarks/results/vocab_budget_<model>.json.
+speed: fresh children alternate (3 rounds) between the resident Q8_0 head and the two-stage head
+on the same flash model (whole FFN resident, nothing skipped, so only the head differs): decode
+tokens/s, the head's share of decode time, vocabulary bytes and reads per token, row-pool hit
+rate, and whether the greedy texts match. Writes benchmarks/results/vocab_speed_<model>.json.
+(Memory under a budget: benchmarks/bench_budget.py.)
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -113,15 +116,62 @@ def fidelity(model: str, positions: int, encodings, block_rows: int = 256) -> di
     return results
 
 
+def speed_child(model: str, on_flash: bool, tokens: int) -> dict:
+    import flashinfer_lite as fl
+    from flashinfer_lite.flash.convert import ensure_converted
+    from flashinfer_lite.registry import resolve_model
+
+    m = fl.load(ensure_converted(resolve_model(model)), ffn_share=1.0, skip_fraction=0.0,
+                vocab_on_flash=on_flash)
+    m._vocab_head and m._vocab_head.rows.reader.drop_page_cache()
+    prompt = m.tokenize(text()[:3000])[:128]
+    out = m.generate(prompt, max_tokens=tokens, temperature=0.0)
+    s = m.stats
+    keys = ("tokens_per_s", "head_time_share", "vocab_bytes_read_per_token",
+            "vocab_reads_per_token", "vocab_rows_cache_hit_rate", "head_candidates")
+    return {"vocab_on_flash": on_flash, "text": out, "resident_bytes": m.resident_bytes,
+            "vocab_bytes": m.vocab_bytes, **{k: s.get(k) for k in keys}}
+
+
+def speed(model: str, tokens: int, rounds: int = 3) -> dict:
+    runs = []
+    for _ in range(rounds):
+        for on_flash in (False, True):
+            proc = subprocess.run([sys.executable, __file__, "speed-child", "--model", model,
+                                   "--tokens", str(tokens)] + (["--on-flash"] if on_flash
+                                                              else []),
+                                  capture_output=True, text=True, check=True)
+            runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print({k: v for k, v in runs[-1].items() if k != "text"}, flush=True)
+    med = {f: float(np.median([r["tokens_per_s"] for r in runs if r["vocab_on_flash"] == f]))
+           for f in (False, True)}
+    return {"model": model, "tokens": tokens, "rounds": rounds, "runs": runs,
+            "decode_tokens_per_s": {"resident_head": med[False], "two_stage": med[True]},
+            "speed_ratio": med[True] / med[False],
+            "greedy_text_equal": len({r["text"] for r in runs}) == 1}
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["fidelity"])
+    ap.add_argument("what", choices=["fidelity", "speed", "speed-child"])
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--on-flash", action="store_true")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--positions", type=int, default=2048)
     ap.add_argument("--encodings", nargs="+", default=["4x64", "4x32", "2x32"],
                     help="bits x group of the preview, e.g. 4x64")
     a = ap.parse_args()
     RESULTS.mkdir(exist_ok=True)
+    if a.what == "speed-child":
+        print(json.dumps(speed_child(a.model, a.on_flash, a.tokens)))
+        return
+    if a.what == "speed":
+        r = speed(a.model, a.tokens)
+        r["machine"] = {"platform": platform.platform(), "python": sys.version.split()[0]}
+        out = RESULTS / f"vocab_speed_{a.model}.json"
+        out.write_text(json.dumps(r, indent=1))
+        print("wrote", out, r["decode_tokens_per_s"], r["speed_ratio"])
+        return
     encodings = [tuple(int(v) for v in e.split("x")) for e in a.encodings]
     r = fidelity(a.model, a.positions, encodings)
     r["machine"] = {"platform": platform.platform(), "python": sys.version.split()[0]}

@@ -7,6 +7,7 @@
 
 from .errors import (
     BackendUnavailableError,
+    BudgetError,
     CacheFileError,
     ContextLengthError,
     FlashInferError,
@@ -22,8 +23,8 @@ from .model import KVState, Model, load
 __version__ = "0.1.0"
 
 __all__ = [
-    "BackendUnavailableError", "CacheFileError", "ContextLengthError", "FlashInferError",
-    "GenerationChunk", "InvalidArgumentError", "InvalidModelFileError", "KVBudgetError", "KVState",
-    "Model",
+    "BackendUnavailableError", "BudgetError", "CacheFileError", "ContextLengthError",
+    "FlashInferError", "GenerationChunk", "InvalidArgumentError", "InvalidModelFileError",
+    "KVBudgetError", "KVState", "Model",
     "ModelNotFoundError", "UnsupportedModelError", "load", "__version__",
 ]

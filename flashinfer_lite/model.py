@@ -20,6 +20,7 @@ from .cache.kv import KVSpec, make_kv_caches
 from .chat_template import ChatTemplate
 from .config import ModelConfig
 from .errors import ContextLengthError, InvalidArgumentError, KVBudgetError
+from .flash.planner import WORKING_BYTES
 from .generate import GenerationChunk, StopMatcher, generate_step
 from .kernels.base import Backend
 from .loaders.flash_format import is_flash_dir, open_flash_dir
@@ -94,6 +95,14 @@ class Model:
             raise InvalidArgumentError(f"prefill_chunk must be >= 1; got {prefill_chunk!r}")
         self.kv_spec = KVSpec(kv_cache, kv_window, kv_sinks, kv_residual)  # validates
         t0 = time.perf_counter()
+        self.threads = threads or default_threads()
+        self.backend = make_backend(backend, self.threads)
+        self.backend.warm()  # the runtime's once-per-process state is not this model's memory
+        import gc
+
+        gc.collect()  # models dropped earlier free their memory now, not during the measurement
+        release_freed_memory()
+        rss0 = rss_bytes()  # the resident part's real cost is measured, not assumed (planner)
         self.path = Path(path)
         self._flash = None
         self._vocab_head = None
@@ -106,22 +115,20 @@ class Model:
             self._file = GGUFFile(self.path)
             model_bytes = self._file.file_size
         self.config = ModelConfig.from_gguf(self._file)
+        if ctx_size is not None and ctx_size < 1:
+            raise InvalidArgumentError(f"ctx_size must be >= 1; got {ctx_size!r}")
+        self.n_ctx = min(ctx_size or self.config.context_length, self.config.context_length)
         self.memory_budget = parse_budget(memory_budget, model_bytes)
         if ffn_share is not None and not 0 < ffn_share <= 1:
             raise InvalidArgumentError(f"ffn_share must be in (0, 1]; got {ffn_share!r}")
         if manifest is None and (ffn_share is not None or vocab_on_flash
-                                 or self._needs_flash(model_bytes)):
+                                 or self._needs_flash(model_bytes, kv_cache, kv_reserve_tokens)):
             from .flash.convert import ensure_converted, progress_line
 
             self.path = ensure_converted(self.path, progress=progress or progress_line)
             manifest = open_flash_dir(self.path)
             self._file = GGUFFile(manifest.resident_path)
-        if ctx_size is not None and ctx_size < 1:
-            raise InvalidArgumentError(f"ctx_size must be >= 1; got {ctx_size!r}")
-        self.n_ctx = min(ctx_size or self.config.context_length, self.config.context_length)
-        self.threads = threads or default_threads()
         self.tokenizer = Tokenizer(self._file.path)
-        self.backend = make_backend(backend, self.threads)
         ffn = self._run_flash_ffn if manifest is not None else None
         if vocab_on_flash is None:
             vocab_on_flash = manifest is not None and self._vocab_needs_flash(
@@ -132,6 +139,14 @@ class Model:
         if vocab_on_flash:
             self._setup_vocab(manifest, head_candidates, vocab_hot_rows, vocab_cache_rows,
                               direct_io)
+        self._warm_segments()
+        self._file.release_pages()
+        release_freed_memory()
+        # What the resident part costs in RSS: ONNX Runtime holds ~2x the bytes it is given
+        # (packed copies, per-session state), llama.cpp's tokenizer ~25 MB for SmolLM2.
+        # In a process that freed other models, new weights may land in pages it still holds
+        # (RSS barely grows): the weights' own bytes are the floor.
+        self.resident_rss_bytes = max(rss_bytes() - rss0, self._net.nbytes + self.vocab_bytes)
         if manifest is not None:
             self._setup_flash(manifest, ffn_share, skip_fraction, ffn_mode, neuron_window,
                               kv_reserve_tokens, kv_cache, direct_io, cold_skip_fraction,
@@ -151,10 +166,30 @@ class Model:
         self.stats: dict = {"load_s": self.load_s, **self.memory_report()}
 
     # ---- flash-resident FFN -----------------------------------------------------------------
-    def _needs_flash(self, model_bytes: int) -> bool:
-        """A budget below what the dense model needs (measured: ~1.2x the file for weights held
-        by ONNX Runtime, plus the KV reserve) switches the FFN to flash."""
-        return self.memory_budget is not None and self.memory_budget < 1.2 * model_bytes
+    def _warm_segments(self) -> None:
+        """Run every compiled segment once on a zero row: ONNX Runtime allocates each
+        session's run state on its first call (~10 MB for SmolLM2), which belongs in the
+        measured resident cost rather than surprising the budget later."""
+        net = self._net
+        segs = [net.first, *net.head_slices, *getattr(self, "_preview_slices", [])]
+        segs += getattr(net, "segments", None) or [*net.pre_ffn, *net.post_ffn]
+        for seg in segs:
+            widths = getattr(seg, "input_widths", None)
+            if widths is None:
+                continue
+            seg(*[np.zeros((1, w), np.float32) for w in widths])
+
+    # measured: dense SmolLM2 172 MB and Gemma 3 486 MB of RSS over ORT's process state
+    # (weights ~1x in ORT; llama.cpp's tokenizer 25 MB / more for Gemma's 262k tokens)
+    DENSE_RSS_PER_FILE_BYTE = 1.9
+
+    def _needs_flash(self, model_bytes: int, kv_cache: str, kv_tokens: int) -> bool:
+        """A budget below what the dense model costs in RSS (measured: ~1.9x the file with
+        the tokenizer and load leftovers) plus the KV reserve switches
+        to the flash format, where the planner measures the resident part and sizes the rest."""
+        return self.memory_budget is not None and self.memory_budget < (
+            self.DENSE_RSS_PER_FILE_BYTE * model_bytes
+            + self._kv_reserve_bytes(kv_cache, kv_tokens))
 
     def _kv_reserve_bytes(self, kv_cache: str, kv_tokens: int) -> int:
         c = self.config
@@ -166,15 +201,16 @@ class Model:
     def _vocab_needs_flash(self, manifest, model_bytes, kv_cache, kv_tokens) -> bool:
         """The planner's first choice: the head stays resident if it fits the budget next to
         the other resident weights, the KV reserve and a quarter of the FFN's bundles; else
-        the vocabulary goes to flash (two-stage head). Weights held by ONNX Runtime measured
-        ~1.15x their GGUF bytes."""
+        the vocabulary goes to flash (two-stage head). The resident part with its head measured
+        ~2x the resident file in RSS (SmolLM2: 128 MB for 65 MB: Q4_1 weights ~1.4x in ORT,
+        plus the tokenizer's 25 MB)."""
         if self.memory_budget is None:
             return False
         files = manifest.data["files"]
         head = manifest.vocab["rows"] * manifest.vocab["row_bytes"]
         tied = manifest.vocab["tied"]
         resident = files["resident.gguf"]["size"] - (0 if tied else head)
-        need = (1.15 * resident + self._kv_reserve_bytes(kv_cache, kv_tokens)
+        need = (2.0 * resident + self._kv_reserve_bytes(kv_cache, kv_tokens) + WORKING_BYTES
                 + 0.25 * files["ffn.bin"]["size"])
         return self.memory_budget < need
 
@@ -198,7 +234,7 @@ class Model:
         v = manifest.vocab
         rows = VocabRows(manifest.path / "vocab.bin", manifest.token_order(),
                          GGMLQuantizationType[v["qtype"]], d, hot_rows, cache_rows,
-                         max_batch=2048, direct=direct_io)
+                         max_batch=1024, direct=direct_io)
         self._vocab_head = TwoStageHead(
             lambda h: np.concatenate([sl(h)[0] for sl in slices], axis=1), rows, n_candidates)
         if v["tied"]:
@@ -226,7 +262,8 @@ class Model:
 
                 budget = int(psutil.virtual_memory().available * 0.5)
             probe = FlashFFN.bytes_per_neuron(lay)
-            self.plan = plan(budget, self._net.nbytes + self.vocab_bytes,
+            self.plan = plan(budget, max(self._net.nbytes + self.vocab_bytes,
+                                         self.resident_rss_bytes),
                              self._kv_reserve_bytes(kv_cache, 1), min(kv_tokens, self.n_ctx),
                              lay.section, probe, c.n_layers, c.ffn_dim)
             capacity = self.plan.capacity
@@ -285,11 +322,18 @@ class Model:
         return sum(c.bytes_at(n_tokens, self.prefill_chunk) for c in self._caches)
 
     def kv_budget_bytes(self) -> int | None:
-        """What memory_budget leaves for the KV cache after the resident weights (None: no
-        budget given). The full planner (flash-resident weights) will refine this."""
+        """What memory_budget leaves for the KV cache (None: no budget given): the budget less
+        the resident part as measured in RSS, the neuron pools and read buffers, and the
+        working memory the planner reserves."""
         if self.memory_budget is None:
             return None
-        return self.memory_budget - self.resident_bytes
+        return self.memory_budget - self.held_bytes
+
+    @property
+    def held_bytes(self) -> int:
+        """What the model holds besides its KV cache, as the planner counts it."""
+        pools = self._flash.nbytes if self._flash is not None else 0
+        return self.resident_rss_bytes + pools + WORKING_BYTES
 
     def _check_kv_budget(self, n_tokens: int) -> None:
         budget = self.kv_budget_bytes()
@@ -304,8 +348,8 @@ class Model:
             raise KVBudgetError(
                 f"a context of {n_tokens} tokens needs {format_bytes(need)} of KV cache "
                 f"({self.kv_spec.kind}); the memory budget of {format_bytes(self.memory_budget)} "
-                f"leaves {format_bytes(max(budget, 0))} after {format_bytes(self.resident_bytes)} "
-                f"of weights{hint}")
+                f"leaves {format_bytes(max(budget, 0))} after {format_bytes(self.held_bytes)} "
+                f"of weights and working memory{hint}")
 
     def reset(self) -> None:
         """Forget the KV cache (the next call prefills from scratch)."""

@@ -91,6 +91,9 @@ class Backend(ABC):
         n = len(view.kq) + len(view.full_k)
         return blockwise_attention(q, view_blocks(view), np.array([n]), scale)
 
+    def warm(self) -> None:  # noqa: B027  (optional hook: most backends have nothing to set up)
+        """Set up the backend's process-wide state (runtime, not model memory)."""
+
     @abstractmethod
     def compile(self, f: GGUFFile, fn: SegmentFn, input_widths: Sequence[int]) -> Segment:
         """Build a Segment computing fn(builder, *inputs) for inputs of the given widths."""

@@ -83,7 +83,7 @@ class AttentionCore:
 class CausalLM:
     """Embedding, alternating segments and attention cores, final norm, output head."""
 
-    HEAD_SLICE_ROWS = 32768
+    HEAD_SLICE_ROWS = 8192  # load transients scale with a slice: 8192 rows keep peak RSS ~ held
 
     def __init__(self, f: GGUFFile, backend: Backend, cfg: ModelConfig, ffn=None,
                  head: bool = True):

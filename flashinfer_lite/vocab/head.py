@@ -49,7 +49,7 @@ class TwoStageHead:
     def full(self, h: np.ndarray) -> np.ndarray:
         """(T, d) -> (T, V) exact logits over every row, streamed from flash (evaluation)."""
         out = np.empty((len(h), self.rows.n), np.float32)
-        for ids, rows in self.rows.stream():
+        for ids, rows in self.rows.stream(self.rows.max_batch):
             out[:, ids] = h @ rows.T
         return out
 

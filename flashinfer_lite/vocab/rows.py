@@ -31,9 +31,9 @@ class VocabRows:
         per, size = GGML_QUANT_SIZES[qtype]
         self.qtype, self.d = qtype, d_model
         self.row_bytes = d_model // per * size
-        self.order = np.asarray(order, np.int64)  # slot -> id
+        self.order = np.asarray(order, np.int32)  # slot -> id
         self.n = len(self.order)
-        self.slot_of = np.empty(self.n, np.int64)  # id -> slot
+        self.slot_of = np.empty(self.n, np.int32)  # id -> slot
         self.slot_of[self.order] = np.arange(self.n)
         self.hot = int(min(max(hot_rows, 0), self.n))
         self.max_batch = max_batch
@@ -59,7 +59,7 @@ class VocabRows:
         out = np.empty((len(slots), self.row_bytes), np.uint8)
         for s in range(0, len(slots), self.max_batch):
             part = slots[s : s + self.max_batch]
-            starts = part * self.row_bytes
+            starts = part.astype(np.int64) * self.row_bytes
             reads = coalesce(starts, starts + self.row_bytes, gap=SECTOR,
                              align=self.reader.align)
             dests = self.reader.read(reads)
