@@ -18,13 +18,13 @@ from .errors import (
     UnsupportedModelError,
 )
 from .generate import GenerationChunk
-from .model import Model, load
+from .model import KVState, Model, load
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError", "BudgetError", "CacheFileError", "ContextLengthError",
     "FlashInferError", "GenerationChunk", "InvalidArgumentError", "InvalidModelFileError",
-    "KVBudgetError", "Model",
+    "KVBudgetError", "KVState", "Model",
     "ModelNotFoundError", "UnsupportedModelError", "load", "__version__",
 ]

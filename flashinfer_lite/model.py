@@ -1,7 +1,8 @@
 """The public Model: load once, then tokenize / logits / generate / stream / chat.
 
 A Model keeps one KV cache and the ids it holds; every call reuses the longest common prefix with
-the previous call, so a chat turn only prefills the new turn.
+the previous call, so a chat turn only prefills the new turn. An app serving several conversations
+keeps one KVState per conversation and swaps it in with swap_cache.
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -54,8 +56,26 @@ def make_backend(name: str, threads: int) -> Backend:
     return OnnxRuntimeBackend(threads)
 
 
+class _Cancelled(Exception):
+    """Raised between two forward chunks when the caller's cancel event is set."""
+
+
+@dataclass
+class KVState:
+    """A KV cache taken out of a Model by swap_cache: the ids it holds and one cache per layer."""
+
+    ids: list[int]
+    caches: list
+    owner: int  # id() of the Model it belongs to: caches are shaped for that model only
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.caches)
+
+
 class Model:
-    """A loaded model. Calls are serialized by a lock, so threads may share one Model."""
+    """A loaded model. Calls are serialized by a lock, so threads may share one Model; a stream
+    holds the lock from its first chunk until it ends or is closed."""
 
     def __init__(self, path: Path, backend: str = "auto", kv_cache: str = "f16",
                  memory_budget=None, token_filter=None, ctx_size: int | None = None,
@@ -66,7 +86,8 @@ class Model:
                  ffn_mode: str = "ours", neuron_window: int = 5, kv_reserve_tokens: int = 1024,
                  direct_io: bool = True, vocab_on_flash: bool | None = None,
                  head_candidates: int = 64, vocab_hot_rows: int = 1024,
-                 vocab_cache_rows: int = 4096):
+                 vocab_cache_rows: int = 4096,
+                 progress: Callable[[int, int, str], None] | None = None):
         if token_filter is not None:
             raise InvalidArgumentError(
                 f"token_filter {token_filter!r} is not available yet (only None)")
@@ -102,9 +123,9 @@ class Model:
             raise InvalidArgumentError(f"ffn_share must be in (0, 1]; got {ffn_share!r}")
         if manifest is None and (ffn_share is not None or vocab_on_flash
                                  or self._needs_flash(model_bytes, kv_cache, kv_reserve_tokens)):
-            from .flash.convert import ensure_converted
+            from .flash.convert import ensure_converted, progress_line
 
-            self.path = ensure_converted(self.path)
+            self.path = ensure_converted(self.path, progress=progress or progress_line)
             manifest = open_flash_dir(self.path)
             self._file = GGUFFile(manifest.resident_path)
         self.tokenizer = Tokenizer(self._file.path)
@@ -139,6 +160,8 @@ class Model:
         self.chat_template = ChatTemplate.for_model(self._file.get("tokenizer.chat_template"),
                                                     self.config.architecture)
         self._lock = threading.RLock()
+        self._cancel = None  # the running stream's cancel event (checked between chunks)
+        self._streaming = False  # an RLock lets one thread re-enter: refuse a second open stream
         self.load_s = time.perf_counter() - t0
         self.stats: dict = {"load_s": self.load_s, **self.memory_report()}
 
@@ -334,6 +357,27 @@ class Model:
             self._caches = self._make_caches()
             self._cached_ids = []
 
+    def swap_cache(self, state: KVState | None = None) -> KVState:
+        """Take the KV cache (and the ids it holds) out of the model and put state in its place
+        (None: an empty cache). A server keeps one KVState per conversation, so interleaved
+        conversations each reuse their own prefix; a KVState's memory is its nbytes."""
+        with self._lock:
+            self._refuse_nested("swap_cache")
+            if state is not None and state.owner != id(self):
+                raise InvalidArgumentError("this KVState belongs to another Model")
+            old = KVState(self._cached_ids, self._caches, id(self))
+            if state is None:
+                self._caches, self._cached_ids = self._make_caches(), []
+            else:
+                self._caches, self._cached_ids = state.caches, state.ids
+            return old
+
+    def _refuse_nested(self, what: str) -> None:
+        if self._streaming:
+            raise InvalidArgumentError(
+                f"{what}: a stream on this model is still open in this thread; finish it or "
+                "close() it first")
+
     def close(self) -> None:
         with self._lock:
             if self._flash is not None:
@@ -370,6 +414,8 @@ class Model:
         outs = []
         try:
             for s in range(0, len(ids), self.prefill_chunk):
+                if self._cancel is not None and self._cancel.is_set():
+                    raise _Cancelled
                 chunk = list(ids[s : s + self.prefill_chunk])
                 h = self._net.forward(np.asarray(chunk, np.int64), self._caches)
                 self._cached_ids.extend(chunk)
@@ -418,6 +464,8 @@ class Model:
             return self._forward(ids, all_logits=False, hidden=True)
 
     def _check_ids(self, ids) -> list[int]:
+        if self._net is None:
+            raise InvalidArgumentError("this model is closed; load it again")
         ids = [int(i) for i in ids]
         if not ids:
             raise InvalidArgumentError("need at least one token")
@@ -463,11 +511,14 @@ class Model:
                temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95,
                min_p: float = 0.05, repeat_penalty: float = 1.0, repeat_last_n: int = 64,
                seed: int | None = None, stop: str | Sequence[str] | None = None,
-               ) -> Iterator[GenerationChunk]:
+               cancel: threading.Event | None = None) -> Iterator[GenerationChunk]:
         """Yield GenerationChunk(text, token, stats) as tokens are generated.
 
         prompt: text (tokenized with BOS, special tokens parsed) or token ids. Generation ends at
         an end-of-generation token, a stop string (not included), max_tokens, or the context end.
+        cancel: an event another thread may set; the stream then stops within one token (or one
+        prefill chunk), frees the KV cache and ends with a chunk whose finish_reason is
+        "cancelled".
         """
         validate_sampling(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n)
         if not isinstance(max_tokens, (int, np.integer)) or max_tokens < 0:
@@ -477,10 +528,24 @@ class Model:
         ids = self._check_ids(ids)
         sampler = make_sampler(temperature, top_k, top_p, min_p, seed)
         penalty = make_repetition_penalty(repeat_penalty, repeat_last_n)
-        return self._stream(ids, max_tokens, sampler, [penalty] if penalty else [], stops)
+        return self._stream(ids, max_tokens, sampler, [penalty] if penalty else [], stops, cancel)
 
-    def _stream(self, ids, max_tokens, sampler, processors, stops):
+    def _stream(self, ids, max_tokens, sampler, processors, stops, cancel=None):
         with self._lock:
+            self._refuse_nested("stream")
+            self._streaming, self._cancel = True, cancel
+            try:
+                yield from self._stream_locked(ids, max_tokens, sampler, processors, stops)
+            except _Cancelled:
+                # the caller gave up: drop its cache now rather than hold it until the next call
+                self._caches, self._cached_ids = self._make_caches(), []
+                self.stats.update(kv_bytes=0, cancelled=True)
+                yield GenerationChunk("", None, dict(self.stats), "cancelled")
+            finally:
+                self._streaming, self._cancel = False, None
+
+    def _stream_locked(self, ids, max_tokens, sampler, processors, stops):
+        with self._lock:  # re-entered: _stream holds it
             t0 = time.perf_counter()
             reused = self._reuse_prefix(ids)
             stats = {"prompt_tokens": len(ids), "prompt_tokens_reused": reused,
@@ -581,6 +646,9 @@ def load(model=None, memory_budget=None, backend: str = "auto", kv_cache: str = 
 
     KV cache options: kv_cache "f16" | "q8" | "q4"; kv_window=N bounds the cache to kv_sinks
     (default 4) first + at least N recent positions (StreamingLLM), so a context may run past
-    the model's; kv_residual (default 128) recent positions stay float16 in q8/q4."""
+    the model's; kv_residual (default 128) recent positions stay float16 in q8/q4.
+    progress(step, total, what): called while a first load converts the model to the flash
+    format (a budget below what it needs, or ffn_share=); None prints a bar on stderr. An
+    exception raised by it stops the conversion and leaves nothing behind."""
     return Model(resolve_model(model), backend=backend, kv_cache=kv_cache,
                  memory_budget=memory_budget, token_filter=token_filter, **options)

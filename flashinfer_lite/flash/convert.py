@@ -36,6 +36,7 @@ def ensure_converted(gguf_path: Path, progress=progress_line) -> Path:
         except ValueError:
             pass  # unreadable: convert again
     out.parent.mkdir(parents=True, exist_ok=True)
-    print(f"flashinfer-lite: converting {Path(gguf_path).name} to the flash format in {out} "
-          "(once) ...", file=sys.stderr, flush=True)
+    if progress is progress_line:  # an app's own callback shows progress its own way
+        print(f"flashinfer-lite: converting {Path(gguf_path).name} to the flash format in {out} "
+              "(once) ...", file=sys.stderr, flush=True)
     return convert(gguf_path, out, calibrate, progress=progress, force=True)
