@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache.kv import KVSpec, make_kv_caches
+from .cache.kv import KVSpec
 from .chat_template import ChatTemplate
 from .config import ModelConfig
 from .errors import ContextLengthError, InvalidArgumentError, KVBudgetError
@@ -40,10 +40,14 @@ def default_threads() -> int:
 def make_backend(name: str, threads: int) -> Backend:
     if name not in BACKENDS:
         raise InvalidArgumentError(f"backend must be one of {', '.join(BACKENDS)}; got {name!r}")
-    if name == "mlx":
-        from .errors import BackendUnavailableError
+    if name == "auto":  # MLX where it has a GPU (Metal, CUDA), else the fastest CPU path
+        from .kernels.mlx_backend import mlx_gpu_available
 
-        raise BackendUnavailableError("the MLX backend is not built yet; use 'onnxruntime'")
+        name = "mlx" if mlx_gpu_available() else "onnxruntime"
+    if name == "mlx":
+        from .kernels.mlx_backend import MlxBackend
+
+        return MlxBackend()
     if name == "numpy":
         from .kernels.numpy_backend import NumpyBackend
 
@@ -180,9 +184,9 @@ class Model:
 
     def _make_caches(self):
         c, cores = self.config, self._net.cores
-        return make_kv_caches(self.kv_spec, c.n_layers, c.n_kv_heads, c.head_dim,
-                              sliding_windows=[core.window for core in cores],
-                              rope_shifts=[core.shift_keys for core in cores])
+        return self.backend.make_kv_caches(self.kv_spec, c.n_layers, c.n_kv_heads, c.head_dim,
+                                           sliding_windows=[core.window for core in cores],
+                                           rope_shifts=[core.shift_keys for core in cores])
 
     @property
     def bounded(self) -> bool:

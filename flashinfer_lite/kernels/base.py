@@ -86,6 +86,23 @@ class Backend(ABC):
         n = len(view.kq) + len(view.full_k)
         return blockwise_attention(q, view_blocks(view), np.array([n]), scale)
 
+    def make_attention_core(self, f: GGUFFile, cfg, layer: int):
+        """The attention core of a layer, or None for the shared numpy one (models/common.py).
+        A device backend returns its own, so q/k/v and the cache stay on the device."""
+        return None
+
+    def make_kv_caches(self, spec, n_layers: int, n_kv_heads: int, head_dim: int,
+                       sliding_windows=None, rope_shifts=None) -> list:
+        """One KV cache per layer (cache/kv.py); a device backend may keep them on the device."""
+        from ..cache.kv import make_kv_caches
+
+        return make_kv_caches(spec, n_layers, n_kv_heads, head_dim, sliding_windows,
+                              rope_shifts)
+
+    def to_host(self, a) -> np.ndarray:
+        """A segment's output as a numpy array (device backends copy it back)."""
+        return a
+
     @abstractmethod
     def compile(self, f: GGUFFile, fn: SegmentFn, input_widths: Sequence[int]) -> Segment:
         """Build a Segment computing fn(builder, *inputs) for inputs of the given widths."""
