@@ -147,11 +147,18 @@ class Model:
             self.plan = plan(budget, self._net.nbytes, kv_per_token, min(kv_tokens, self.n_ctx),
                              lay.section, probe, c.n_layers, c.ffn_dim)
             capacity = self.plan.capacity
+        ffn_class = FlashFFN
+        if self.backend.name == "mlx":  # the neuron pool gets a twin on the device
+            from functools import partial
+
+            from .flash.mlx_ffn import MlxFlashFFN
+
+            ffn_class = partial(MlxFlashFFN, backend=self.backend)
         try:
-            self._flash = FlashFFN(manifest, c.activation, capacity, skip_fraction=skip_fraction,
-                                   cold_skip_fraction=cold_skip_fraction,
-                                   coalesce_gap=coalesce_gap, window=window, mode=mode,
-                                   threads=max(4, self.threads * 2), direct=direct_io)
+            self._flash = ffn_class(manifest, c.activation, capacity, skip_fraction=skip_fraction,
+                                    cold_skip_fraction=cold_skip_fraction,
+                                    coalesce_gap=coalesce_gap, window=window, mode=mode,
+                                    threads=max(4, self.threads * 2), direct=direct_io)
         except ValueError as exc:
             raise InvalidArgumentError(str(exc)) from None
 
