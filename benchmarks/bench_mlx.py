@@ -103,6 +103,26 @@ def _install_lookup_tokenizer(table: dict, force: bool = False) -> None:
 
 
 # ---- run (on the GPU machine) -------------------------------------------------------------
+def _cap_onnx_ir_version(cap: int = 10) -> None:
+    """The GPU machine's onnxruntime reads IR versions <= 13, older than its onnx writes."""
+    import onnx
+    import onnxruntime
+
+    helper = onnx.helper
+    make = helper.make_model
+
+    def make_model(*a, **kw):
+        m = make(*a, **kw)
+        m.ir_version = min(m.ir_version, cap)
+        return m
+
+    if make.__name__ != "make_model" or getattr(make, "_capped", False):
+        return
+    make_model._capped = True
+    helper.make_model = make_model
+    print("onnxruntime", onnxruntime.__version__, "onnx", onnx.__version__)
+
+
 def _decode(m, prompt, tokens: int) -> dict:
     m.reset()
     for _ in m.stream(prompt, max_tokens=tokens):
@@ -147,6 +167,7 @@ def run(path: str, name: str, out_dir: str, rounds: int, tokens: int, flash_toke
     from flashinfer_lite.evaluation import compare_logits
 
     table = json.loads(INPUTS.read_text())[name]
+    _cap_onnx_ir_version()
     _install_lookup_tokenizer(table, lookup)
     import mlx.core as mx
 
