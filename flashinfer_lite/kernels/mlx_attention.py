@@ -113,7 +113,7 @@ class MlxAttentionCore(AttentionCore):
             periods = self.rope_base ** (np.arange(0, d, 2, dtype=np.float64) / d)
             self._freqs = mx.array((periods * self.freq_factors).astype(np.float32))
 
-    def _rope(self, x, start: int):
+    def _rope_device(self, x, start: int):
         """x (1, heads, T, D) at positions start.. ; our `scale` divides positions."""
         c = self.cfg
         return self.mx.fast.rope(x, c.head_dim, traditional=c.rope_type != "neox",
@@ -133,7 +133,7 @@ class MlxAttentionCore(AttentionCore):
             q = mx.fast.rms_norm(q, self._q_norm, c.norm_eps)
             k = mx.fast.rms_norm(k, self._k_norm, c.norm_eps)
         start = int(positions[0])
-        q, k = self._rope(q, start), self._rope(k, start)
+        q, k = self._rope_device(q, start), self._rope_device(k, start)
         cache.update(k, v)
         keys, values = cache.fetch()
         first = 0
