@@ -241,10 +241,11 @@ def plot() -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     files = sorted(RESULTS.glob("mlx_*.json"))
     data = [json.loads(p.read_text()) for p in files if p.name != INPUTS.name]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     labels = ["mlx_gpu", "onnxruntime_cpu"]
     w = 0.35
     for i, d in enumerate(data):
@@ -264,6 +265,29 @@ def plot() -> None:
     axes[1].set_ylabel("decode tokens/s (median)")
     axes[1].set_title("FFN on flash, pool on the GPU")
     axes[1].legend()
+    # where a flash decode step's time goes (medians, ms per token)
+    parts = [("io_s_per_token", "flash reads"), ("h2d_s_per_token", "host->device copy (host)"),
+             ("memory_management_s_per_token", "pool bookkeeping"),
+             ("ffn_host_s_per_token", "FFN setup (host)"),
+             ("device_wait_s_per_token", "waiting for the GPU")]
+    bars, names = [], []
+    for d in data:
+        for k in ("ours_0.50", "ours_0.25", "naive"):
+            r = dict(d["flash"][k])
+            r["ffn_host_s_per_token"] = r["compute_s_per_token"] - r["h2d_s_per_token"]
+            total = 1.0 / r["tokens_per_s"]
+            vals = [r[p] for p, _ in parts]
+            bars.append([*vals, total - sum(vals)])
+            names.append(f"{d['model'].split('-')[0]}\n{k.replace('ours_', 'ours ')}")
+    bottom = np.zeros(len(bars))
+    for i, label in enumerate([n for _, n in parts] + ["other host work"]):
+        v = np.array([b[i] for b in bars]) * 1e3
+        axes[2].bar(range(len(bars)), v, bottom=bottom, label=label)
+        bottom += v
+    axes[2].set_xticks(range(len(bars)), names, fontsize=8)
+    axes[2].set_ylabel("ms per generated token")
+    axes[2].set_title("flash decode: where the time goes")
+    axes[2].legend(fontsize=7)
     dev = data[0].get("gpu") or data[0]["device"] if data else ""
     fig.suptitle(f"flashinfer-lite MLX backend on {dev}")
     fig.tight_layout()
