@@ -219,8 +219,10 @@ def run(path: str, name: str, out_dir: str, rounds: int, tokens: int, flash_toke
     t0 = time.perf_counter()
     flash = {"resident": gpu}
     for label, kw in (("ours_0.50", dict(ffn_share=0.5)), ("ours_0.25", dict(ffn_share=0.25)),
-                      ("naive", dict(ffn_share=0.5, ffn_mode="naive"))):
+                      ("naive", dict(ffn_share=0.5, ffn_mode="naive")),
+                      ("ours_0.50_no_overlap", dict(ffn_share=0.5))):
         flash[label] = fl.load(path, backend="mlx", **kw)
+    flash["ours_0.50_no_overlap"]._flash.overlap = False  # the A/B for mx.async_eval
     result["flash_setup_s"] = time.perf_counter() - t0
     result["flash"] = _rounds(flash, prompt[:64], flash_tokens, rounds)
     f = result["flash"]

@@ -68,8 +68,12 @@ class _DevicePool:
 
 
 class MlxFlashFFN(FlashFFN):
-    def __init__(self, manifest, activation, capacity, backend, **kw):
+    def __init__(self, manifest, activation, capacity, backend, overlap: bool = True, **kw):
+        """overlap: start each layer's FFN on the GPU as soon as it is built (mx.async_eval)."""
         self.mx = backend.mx
+        self.overlap = overlap
+        # decoding + both matmuls as one compiled graph (fused elementwise decode)
+        self._ffn = self.mx.compile(self._ffn_fn)
         self._twins: dict[int, _DevicePool] = {}
         super().__init__(manifest, activation, capacity, **kw)
         if self.layout.up_type not in _UP_BLOCK:
@@ -148,12 +152,19 @@ class MlxFlashFFN(FlashFFN):
         slots = pool.slot_of
         rows, neurons = np.nonzero(active & (slots >= 0)[None, :])
         coef[rows, slots[neurons]] = a[rows, neurons]
-        raw = twin.raw[:n]
+        x = h if isinstance(h, mx.array) else mx.array(np.asarray(h, np.float32))
+        out = self._ffn(twin.raw[:n], x, mx.array(coef))
+        if self.overlap:  # start the GPU now, while the host builds the next layer's graph
+            mx.async_eval(out)
+        return out
+
+    def _ffn_fn(self, raw, x, coef):
+        """raw (n, stride) bundles, x (T, K), coef (T, n) -> (T, D), on the device."""
+        mx, lay = self.mx, self.layout
         up = decode_rows(mx, raw[:, : lay.up_bytes], lay.up_type, lay.d_model)  # (n, K)
         down = decode_rows(mx, raw[:, lay.up_bytes : lay.up_bytes + lay.down_bytes], Q.Q8_0,
                            lay.d_model)  # (n, D)
-        x = h if isinstance(h, mx.array) else mx.array(np.asarray(h, np.float32))
-        return ((x @ up.T) * mx.array(coef)) @ down  # (T, n) -> (T, D)
+        return ((x @ up.T) * coef) @ down  # (T, n) -> (T, D)
 
     def report(self) -> dict:
         r = super().report()
