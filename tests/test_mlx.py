@@ -79,13 +79,21 @@ def test_logits_match_numpy_through_chunked_prefill(smollm2_numpy, smollm2_mlx):
     assert (got.argmax(-1) == ref.argmax(-1)).all()
 
 
-def test_greedy_decode_matches_numpy(smollm2_numpy, smollm2_mlx):
+def test_greedy_decode_matches_numpy(smollm2_numpy, smollm2_mlx, tmp_path):
     prompt = "The Python language"
     a = smollm2_numpy.generate(prompt, max_tokens=3)
     b = smollm2_mlx.generate(prompt, max_tokens=3)
     assert a == b and len(a) > 0
     # a second call reuses the device cache's prefix (trim) and must give the same text
     assert smollm2_mlx.generate(prompt, max_tokens=3) == b
+    # the device cache round-trips through a prompt-cache file
+    path = tmp_path / "prompt.flkv"
+    smollm2_mlx.save_cache(path)
+    held = smollm2_mlx._caches[0].offset
+    smollm2_mlx.reset()
+    assert smollm2_mlx.load_cache(path) == held == smollm2_mlx._caches[0].offset
+    assert smollm2_mlx.generate(prompt, max_tokens=3) == b
+    assert smollm2_mlx.stats["prompt_tokens_reused"] > 0
 
 
 def test_quantized_kv_cache_stays_on_host(smollm2_path, smollm2_numpy):

@@ -8,7 +8,9 @@ function over a `GraphBuilder`. A backend `compile`s that function once into a `
 - the ONNX Runtime backend traces it into one ONNX graph with quantized weights, so a whole
   segment is one session call (per-call overhead, ~20 us, dominates a 576-wide matvec otherwise).
 
-The attention core itself (RoPE, KV cache, softmax) stays in numpy, shared by all CPU backends.
+The attention core itself (RoPE, KV cache, softmax) stays in numpy, shared by all CPU backends;
+a device backend (kernels/mlx_backend.py) supplies its own core and caches through
+`make_attention_core` / `make_kv_caches`, so activations stay on the device between segments.
 """
 
 from __future__ import annotations
