@@ -7,6 +7,7 @@
 
 from .errors import (
     BackendUnavailableError,
+    BudgetError,
     CacheFileError,
     ContextLengthError,
     FlashInferError,
@@ -22,7 +23,8 @@ from .model import Model, load
 __version__ = "0.1.0"
 
 __all__ = [
-    "BackendUnavailableError", "CacheFileError", "ContextLengthError", "FlashInferError",
-    "GenerationChunk", "InvalidArgumentError", "InvalidModelFileError", "KVBudgetError", "Model",
+    "BackendUnavailableError", "BudgetError", "CacheFileError", "ContextLengthError",
+    "FlashInferError", "GenerationChunk", "InvalidArgumentError", "InvalidModelFileError",
+    "KVBudgetError", "Model",
     "ModelNotFoundError", "UnsupportedModelError", "load", "__version__",
 ]

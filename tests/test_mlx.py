@@ -164,6 +164,18 @@ def test_device_bundle_decoder(qtype):
     np.testing.assert_array_equal(got, dequantize(raw, qtype).reshape(5, 128))
 
 
+def test_preview_head_grid_on_mlx(smollm2_file):
+    """The vocabulary-on-flash preview head (2-bit MatMulNBits layout) as MLX groups."""
+    from flashinfer_lite.kernels.mlx_backend import _MlxBuilder
+    from flashinfer_lite.vocab.preview import quantize as preview_quantize
+
+    w = np.random.default_rng(5).standard_normal((96, 576)).astype(np.float32)
+    grid = preview_quantize(w, 2, 64)
+    x = np.random.default_rng(6).standard_normal((3, 576)).astype(np.float32)
+    got = np.array(_MlxBuilder(smollm2_file, mx).linear_packed(mx.array(x), grid))
+    np.testing.assert_allclose(got, x @ grid.dequantize().T, rtol=1e-4, atol=1e-3)
+
+
 def test_auto_picks_mlx_only_with_a_gpu():
     from flashinfer_lite.model import make_backend
 

@@ -65,6 +65,8 @@ class FlashFFN:
 
     @staticmethod
     def _thresholds(manifest, fraction: float) -> list[float]:
+        if fraction == 0:  # skip nothing: scores are >= 0
+            return [-1.0] * manifest.data["n_layers"]
         key = f"{fraction:.1f}"
         if key not in manifest.layer(0)["thresholds"]:
             raise ValueError(f"skip fraction {fraction} was not calibrated "

@@ -32,6 +32,11 @@ class GraphBuilder(ABC):
         """x (T, K) @ W.T (+ b): W is the GGUF tensor `weight` (N, K), or its rows
         [start, stop) when `rows` is given (the output head is compiled in slices)."""
 
+    def linear_packed(self, x, grid):
+        """x (T, K) @ W.T for W a vocab/preview.PackedGrid (N, K) held outside any GGUF (the
+        preview head). Backends that cannot run it raise NotImplementedError."""
+        raise NotImplementedError(f"{type(self).__name__} has no packed low-bit matmul")
+
     @abstractmethod
     def rms_norm(self, x, weight: str, eps: float): ...
 
@@ -104,6 +109,9 @@ class Backend(ABC):
     def to_host(self, a) -> np.ndarray:
         """A segment's output as a numpy array (device backends copy it back)."""
         return a
+
+    def warm(self) -> None:  # noqa: B027  (optional hook: most backends have nothing to set up)
+        """Set up the backend's process-wide state (runtime, not model memory)."""
 
     @abstractmethod
     def compile(self, f: GGUFFile, fn: SegmentFn, input_widths: Sequence[int]) -> Segment:

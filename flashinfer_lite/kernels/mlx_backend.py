@@ -145,7 +145,7 @@ class _MlxBuilder(GraphBuilder):
             mx = self.mx
             if isinstance(w, MlxQuantized):
                 self.nbytes += w.nbytes
-                w = (mx.array(w.packed), mx.array(w.scales), mx.array(w.biases), w.bits)
+                w = (mx.array(w.packed), mx.array(w.scales), mx.array(w.biases), w.bits, GROUP)
             else:
                 self.nbytes += w.nbytes
                 w = mx.array(w)
@@ -153,15 +153,32 @@ class _MlxBuilder(GraphBuilder):
         return self.weights[key]
 
     def linear(self, x, weight, bias=None, rows=None):
-        mx = self.mx
         w = self._weight(weight, rows)
-        if isinstance(w, tuple):
-            packed, scales, biases, bits = w
-            y = mx.quantized_matmul(x, packed, scales, biases, transpose=True,
-                                    group_size=GROUP, bits=bits)
-        else:
-            y = x @ w.T
+        y = self._qmm(x, w) if isinstance(w, tuple) else x @ w.T
         return y if bias is None else y + self._weight(bias)
+
+    def _qmm(self, x, w):
+        packed, scales, biases, bits, group = w
+        return self.mx.quantized_matmul(x, packed, scales, biases, transpose=True,
+                                        group_size=group, bits=bits)
+
+    def linear_packed(self, x, grid):
+        """The preview head's vocab/preview.PackedGrid: MatMulNBits' packing (low bits first)
+        is MLX's bit stream, and scale * (code - zero) is MLX's affine group with
+        bias = -scale * zero, so it maps without copying the codes' values."""
+        key = ("packed", id(grid))
+        if key not in self.weights:
+            from ..vocab.preview import unpack
+
+            mx = self.mx
+            nb = grid.k // grid.block
+            zero = unpack(grid.zero, grid.bits)[:, :nb].astype(np.float32)  # (n, groups)
+            packed = np.ascontiguousarray(grid.codes.reshape(grid.n, -1)).view(np.uint32)
+            scale = np.asarray(grid.scale, np.float32)
+            self.nbytes += packed.nbytes + 2 * scale.nbytes
+            self.weights[key] = (mx.array(packed), mx.array(scale), mx.array(-scale * zero),
+                                 grid.bits, grid.block)
+        return self._qmm(x, self.weights[key])
 
     def rms_norm(self, x, weight, eps):
         return self.mx.fast.rms_norm(x, self._weight(weight), eps)
