@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache.kv import KVSpec, make_kv_caches
+from .cache.kv import KVSpec
 from .chat_template import ChatTemplate
 from .config import ModelConfig
 from .errors import ContextLengthError, InvalidArgumentError, KVBudgetError
@@ -43,10 +43,14 @@ def default_threads() -> int:
 def make_backend(name: str, threads: int) -> Backend:
     if name not in BACKENDS:
         raise InvalidArgumentError(f"backend must be one of {', '.join(BACKENDS)}; got {name!r}")
-    if name == "mlx":
-        from .errors import BackendUnavailableError
+    if name == "auto":  # MLX where it has a GPU (Metal, CUDA), else the fastest CPU path
+        from .kernels.mlx_backend import mlx_gpu_available
 
-        raise BackendUnavailableError("the MLX backend is not built yet; use 'onnxruntime'")
+        name = "mlx" if mlx_gpu_available() else "onnxruntime"
+    if name == "mlx":
+        from .kernels.mlx_backend import MlxBackend
+
+        return MlxBackend()
     if name == "numpy":
         from .kernels.numpy_backend import NumpyBackend
 
@@ -267,11 +271,18 @@ class Model:
                              self._kv_reserve_bytes(kv_cache, 1), min(kv_tokens, self.n_ctx),
                              lay.section, probe, c.n_layers, c.ffn_dim)
             capacity = self.plan.capacity
+        ffn_class = FlashFFN
+        if self.backend.name == "mlx":  # the neuron pool gets a twin on the device
+            from functools import partial
+
+            from .flash.mlx_ffn import MlxFlashFFN
+
+            ffn_class = partial(MlxFlashFFN, backend=self.backend)
         try:
-            self._flash = FlashFFN(manifest, c.activation, capacity, skip_fraction=skip_fraction,
-                                   cold_skip_fraction=cold_skip_fraction,
-                                   coalesce_gap=coalesce_gap, window=window, mode=mode,
-                                   threads=max(4, self.threads * 2), direct=direct_io)
+            self._flash = ffn_class(manifest, c.activation, capacity, skip_fraction=skip_fraction,
+                                    cold_skip_fraction=cold_skip_fraction,
+                                    coalesce_gap=coalesce_gap, window=window, mode=mode,
+                                    threads=max(4, self.threads * 2), direct=direct_io)
         except ValueError as exc:
             raise InvalidArgumentError(str(exc)) from None
 
@@ -308,9 +319,9 @@ class Model:
 
     def _make_caches(self):
         c, cores = self.config, self._net.cores
-        return make_kv_caches(self.kv_spec, c.n_layers, c.n_kv_heads, c.head_dim,
-                              sliding_windows=[core.window for core in cores],
-                              rope_shifts=[core.shift_keys for core in cores])
+        return self.backend.make_kv_caches(self.kv_spec, c.n_layers, c.n_kv_heads, c.head_dim,
+                                           sliding_windows=[core.window for core in cores],
+                                           rope_shifts=[core.shift_keys for core in cores])
 
     @property
     def bounded(self) -> bool:
@@ -401,6 +412,7 @@ class Model:
         vocabulary on flash the two-stage head (generation) or the streamed exact head."""
         if self._vocab_head is None:
             return self._net.head(h)
+        h = self.backend.to_host(h)  # the two-stage head works on host arrays
         return self._vocab_head.full(h) if exact else self._vocab_head(h)
 
     def _forward(self, ids: Sequence[int], all_logits: bool, hidden: bool = False) -> np.ndarray:

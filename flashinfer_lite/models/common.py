@@ -96,7 +96,8 @@ class CausalLM:
         self.embed_rows = None
         d, q_width = cfg.d_model, cfg.n_heads * cfg.head_dim
         n = cfg.n_layers
-        self.cores = [AttentionCore(f, cfg, i, backend) for i in range(n)]
+        self.cores = [backend.make_attention_core(f, cfg, i) or AttentionCore(f, cfg, i, backend)
+                      for i in range(n)]
 
         def compile_segment(fn, widths):
             seg = backend.compile(f, fn, widths)
@@ -193,9 +194,10 @@ class CausalLM:
 
     def head(self, h: np.ndarray) -> np.ndarray:
         """(T, d) -> (T, vocab) float32 logits."""
+        host = self.backend.to_host
         if len(self.head_slices) == 1:
-            return self.head_slices[0](h)[0]
-        return np.concatenate([s(h)[0] for s in self.head_slices], axis=1)
+            return host(self.head_slices[0](h)[0])
+        return np.concatenate([host(s(h)[0]) for s in self.head_slices], axis=1)
 
     @property
     def nbytes(self) -> int:
