@@ -90,7 +90,7 @@ class Model:
                  ffn_mode: str = "ours", neuron_window: int = 5, kv_reserve_tokens: int = 1024,
                  direct_io: bool = True, vocab_on_flash: bool | None = None,
                  head_candidates: int = 64, vocab_hot_rows: int = 1024,
-                 vocab_cache_rows: int = 4096,
+                 vocab_cache_rows: int = 4096, prefetch: bool = False,
                  progress: Callable[[int, int, str], None] | None = None):
         if token_filter is not None:
             raise InvalidArgumentError(
@@ -151,6 +151,7 @@ class Model:
         # In a process that freed other models, new weights may land in pages it still holds
         # (RSS barely grows): the weights' own bytes are the floor.
         self.resident_rss_bytes = max(rss_bytes() - rss0, self._net.nbytes + self.vocab_bytes)
+        self._prefetch = prefetch
         if manifest is not None:
             self._setup_flash(manifest, ffn_share, skip_fraction, ffn_mode, neuron_window,
                               kv_reserve_tokens, kv_cache, direct_io, cold_skip_fraction,
@@ -269,7 +270,8 @@ class Model:
             self.plan = plan(budget, max(self._net.nbytes + self.vocab_bytes,
                                          self.resident_rss_bytes),
                              self._kv_reserve_bytes(kv_cache, 1), min(kv_tokens, self.n_ctx),
-                             lay.section, probe, c.n_layers, c.ffn_dim)
+                             lay.section * (2 if self._prefetch and mode == "ours" else 1),
+                             probe, c.n_layers, c.ffn_dim)
             capacity = self.plan.capacity
         ffn_class = FlashFFN
         if self.backend.name == "mlx":  # the neuron pool gets a twin on the device
@@ -282,7 +284,8 @@ class Model:
             self._flash = ffn_class(manifest, c.activation, capacity, skip_fraction=skip_fraction,
                                     cold_skip_fraction=cold_skip_fraction,
                                     coalesce_gap=coalesce_gap, window=window, mode=mode,
-                                    threads=max(4, self.threads * 2), direct=direct_io)
+                                    threads=max(4, self.threads * 2), direct=direct_io,
+                                    prefetch=self._prefetch)
         except ValueError as exc:
             raise InvalidArgumentError(str(exc)) from None
 

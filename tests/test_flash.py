@@ -201,3 +201,16 @@ def test_interrupted_convert_leaves_nothing_loadable(smollm2_path, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         convert(smollm2_path, out, boom)
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_prefetch_reads_ahead_without_changing_results(flash_dir):
+    """Prefetched bundles are the same bytes: greedy text is identical, and the prefetch
+    is used (counted) and its reads are in the flash byte count."""
+    on = fl.load(flash_dir, ffn_share=0.25, prefetch=True, vocab_on_flash=False, threads=2)
+    off = fl.load(flash_dir, ffn_share=0.25, prefetch=False, vocab_on_flash=False, threads=2)
+    prompt = "The history of the city of Rome"
+    assert on.generate(prompt, max_tokens=12) == off.generate(prompt, max_tokens=12)
+    s = on.stats
+    assert s["prefetch_bytes_read"] > 0 and 0 < s["prefetch_hit_rate"] <= 1
+    assert s["flash_bytes_read"] > s["prefetch_bytes_read"]
+    assert off.stats["prefetch_bytes_read"] == 0
