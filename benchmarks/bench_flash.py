@@ -8,6 +8,7 @@ Each configuration runs in its own child process (peak RSS is its own). Modes (f
   skip   the skip rule, active bundles read every token, up row and down column separately
   cache  + the neuron pool with windowing
   ours   + bundled reads coalesced into large aligned reads
+  ours+prefetch  + the next layer's likely misses read on a background thread (share 0.25)
 naive and skip do not depend on the share (nothing is cached), so they run once.
 Writes benchmarks/results/flash_<model>.json and flash_<model>.png.
 """
@@ -44,7 +45,9 @@ def child(model, share, mode, prompt_tokens, gen_tokens, threads):
     import onnxruntime  # noqa: F401
 
     base = rss_bytes()
-    m = fl.load(flash_dir, ffn_share=share, ffn_mode=mode, threads=threads)
+    prefetch = mode.endswith("+prefetch")  # ours with the background prefetch (flash/ffn.py)
+    m = fl.load(flash_dir, ffn_share=share, ffn_mode=mode.split("+")[0], threads=threads,
+                prefetch=prefetch)
     m._flash.reader.drop_page_cache()
     ids = m.tokenize(text()[:20000])[:prompt_tokens]
     t0 = time.perf_counter()
@@ -158,6 +161,7 @@ def main():
     plan = [(1.0, "naive", a.gen_tokens), (1.0, "skip", a.gen_tokens_slow)]
     plan += [(s, "cache", a.gen_tokens_slow) for s in a.shares]
     plan += [(s, "ours", a.gen_tokens) for s in a.shares]
+    plan += [(0.25, "ours+prefetch", a.gen_tokens)] if 0.25 in a.shares else []
     for share, mode, gen in plan:
         r = run(["--child", str(share), mode, str(gen), *common])
         runs.append(r)

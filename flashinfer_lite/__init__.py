@@ -7,6 +7,7 @@
 
 from .errors import (
     BackendUnavailableError,
+    BudgetError,
     CacheFileError,
     ContextLengthError,
     FlashInferError,
@@ -17,12 +18,13 @@ from .errors import (
     UnsupportedModelError,
 )
 from .generate import GenerationChunk
-from .model import Model, load
+from .model import KVState, Model, load
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BackendUnavailableError", "CacheFileError", "ContextLengthError", "FlashInferError",
-    "GenerationChunk", "InvalidArgumentError", "InvalidModelFileError", "KVBudgetError", "Model",
+    "BackendUnavailableError", "BudgetError", "CacheFileError", "ContextLengthError",
+    "FlashInferError", "GenerationChunk", "InvalidArgumentError", "InvalidModelFileError",
+    "KVBudgetError", "KVState", "Model",
     "ModelNotFoundError", "UnsupportedModelError", "load", "__version__",
 ]

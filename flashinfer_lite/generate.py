@@ -20,7 +20,7 @@ class GenerationChunk:
     text: str
     token: int | None
     stats: dict = field(default_factory=dict)
-    finish_reason: str | None = None  # "stop" | "length" | None while running
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | None while running
 
 
 def generate_step(

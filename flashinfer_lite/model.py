@@ -1,7 +1,8 @@
 """The public Model: load once, then tokenize / logits / generate / stream / chat.
 
 A Model keeps one KV cache and the ids it holds; every call reuses the longest common prefix with
-the previous call, so a chat turn only prefills the new turn.
+the previous call, so a chat turn only prefills the new turn. An app serving several conversations
+keeps one KVState per conversation and swaps it in with swap_cache.
 """
 
 from __future__ import annotations
@@ -9,12 +10,13 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .cache.kv import KVSpec, make_kv_caches
+from .cache.kv import KVSpec
 from .chat_template import ChatTemplate
 from .config import ModelConfig
 from .errors import ContextLengthError, InvalidArgumentError, KVBudgetError
@@ -27,6 +29,7 @@ from .filter.gemfilter import (
     GemFilter,
     resolve_layer,
 )
+from .flash.planner import WORKING_BYTES
 from .generate import GenerationChunk, StopMatcher, generate_step
 from .kernels.base import Backend
 from .loaders.flash_format import is_flash_dir, open_flash_dir
@@ -49,10 +52,14 @@ def default_threads() -> int:
 def make_backend(name: str, threads: int) -> Backend:
     if name not in BACKENDS:
         raise InvalidArgumentError(f"backend must be one of {', '.join(BACKENDS)}; got {name!r}")
-    if name == "mlx":
-        from .errors import BackendUnavailableError
+    if name == "auto":  # MLX where it has a GPU (Metal, CUDA), else the fastest CPU path
+        from .kernels.mlx_backend import mlx_gpu_available
 
-        raise BackendUnavailableError("the MLX backend is not built yet; use 'onnxruntime'")
+        name = "mlx" if mlx_gpu_available() else "onnxruntime"
+    if name == "mlx":
+        from .kernels.mlx_backend import MlxBackend
+
+        return MlxBackend()
     if name == "numpy":
         from .kernels.numpy_backend import NumpyBackend
 
@@ -62,8 +69,26 @@ def make_backend(name: str, threads: int) -> Backend:
     return OnnxRuntimeBackend(threads)
 
 
+class _Cancelled(Exception):
+    """Raised between two forward chunks when the caller's cancel event is set."""
+
+
+@dataclass
+class KVState:
+    """A KV cache taken out of a Model by swap_cache: the ids it holds and one cache per layer."""
+
+    ids: list[int]
+    caches: list
+    owner: int  # id() of the Model it belongs to: caches are shaped for that model only
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.caches)
+
+
 class Model:
-    """A loaded model. Calls are serialized by a lock, so threads may share one Model."""
+    """A loaded model. Calls are serialized by a lock, so threads may share one Model; a stream
+    holds the lock from its first chunk until it ends or is closed."""
 
     def __init__(self, path: Path, backend: str = "auto", kv_cache: str = "f16",
                  memory_budget=None, token_filter=None, ctx_size: int | None = None,
@@ -72,16 +97,29 @@ class Model:
                  ffn_share: float | None = None, skip_fraction: float = 0.3,
                  cold_skip_fraction: float | None = None, coalesce_gap: int = 4096,
                  ffn_mode: str = "ours", neuron_window: int = 5, kv_reserve_tokens: int = 1024,
-                 direct_io: bool = True, filter_keep: int = DEFAULT_KEEP,
-                 filter_layer: int | None = None, filter_threshold: int = DEFAULT_THRESHOLD):
+                 direct_io: bool = True, vocab_on_flash: bool | None = None,
+                 head_candidates: int = 64, vocab_hot_rows: int = 1024,
+                 vocab_cache_rows: int = 4096, prefetch: bool = False,
+                 progress: Callable[[int, int, str], None] | None = None,
+                 filter_keep: int = DEFAULT_KEEP, filter_layer: int | None = None,
+                 filter_threshold: int = DEFAULT_THRESHOLD):
         self.filter_options = FilterOptions(token_filter, filter_keep, filter_layer,
                                             filter_threshold)  # validates
         if prefill_chunk < 1:
             raise InvalidArgumentError(f"prefill_chunk must be >= 1; got {prefill_chunk!r}")
         self.kv_spec = KVSpec(kv_cache, kv_window, kv_sinks, kv_residual)  # validates
         t0 = time.perf_counter()
+        self.threads = threads or default_threads()
+        self.backend = make_backend(backend, self.threads)
+        self.backend.warm()  # the runtime's once-per-process state is not this model's memory
+        import gc
+
+        gc.collect()  # models dropped earlier free their memory now, not during the measurement
+        release_freed_memory()
+        rss0 = rss_bytes()  # the resident part's real cost is measured, not assumed (planner)
         self.path = Path(path)
         self._flash = None
+        self._vocab_head = None
         manifest = None
         if is_flash_dir(self.path):
             manifest = open_flash_dir(self.path)
@@ -91,24 +129,39 @@ class Model:
             self._file = GGUFFile(self.path)
             model_bytes = self._file.file_size
         self.config = ModelConfig.from_gguf(self._file)
-        self.memory_budget = parse_budget(memory_budget, model_bytes)
-        if ffn_share is not None and not 0 < ffn_share <= 1:
-            raise InvalidArgumentError(f"ffn_share must be in (0, 1]; got {ffn_share!r}")
-        if manifest is None and (ffn_share is not None or self._needs_flash(model_bytes)):
-            from .flash.convert import ensure_converted
-
-            self.path = ensure_converted(self.path)
-            manifest = open_flash_dir(self.path)
-            self._file = GGUFFile(manifest.resident_path)
         if ctx_size is not None and ctx_size < 1:
             raise InvalidArgumentError(f"ctx_size must be >= 1; got {ctx_size!r}")
         self.n_ctx = min(ctx_size or self.config.context_length, self.config.context_length)
-        self.threads = threads or default_threads()
+        self.memory_budget = parse_budget(memory_budget, model_bytes)
+        if ffn_share is not None and not 0 < ffn_share <= 1:
+            raise InvalidArgumentError(f"ffn_share must be in (0, 1]; got {ffn_share!r}")
+        if manifest is None and (ffn_share is not None or vocab_on_flash
+                                 or self._needs_flash(model_bytes, kv_cache, kv_reserve_tokens)):
+            from .flash.convert import ensure_converted, progress_line
+
+            self.path = ensure_converted(self.path, progress=progress or progress_line)
+            manifest = open_flash_dir(self.path)
+            self._file = GGUFFile(manifest.resident_path)
         self.tokenizer = Tokenizer(self._file.path)
-        self.backend = make_backend(backend, self.threads)
         ffn = self._run_flash_ffn if manifest is not None else None
-        self._net = build_model(self._file, self.backend, self.config, ffn=ffn)
+        if vocab_on_flash is None:
+            vocab_on_flash = manifest is not None and self._vocab_needs_flash(
+                manifest, model_bytes, kv_cache, kv_reserve_tokens)
+        self._net = build_model(self._file, self.backend, self.config, ffn=ffn,
+                                head=not vocab_on_flash)
         self.plan = None
+        if vocab_on_flash:
+            self._setup_vocab(manifest, head_candidates, vocab_hot_rows, vocab_cache_rows,
+                              direct_io)
+        self._warm_segments()
+        self._file.release_pages()
+        release_freed_memory()
+        # What the resident part costs in RSS: ONNX Runtime holds ~2x the bytes it is given
+        # (packed copies, per-session state), llama.cpp's tokenizer ~25 MB for SmolLM2.
+        # In a process that freed other models, new weights may land in pages it still holds
+        # (RSS barely grows): the weights' own bytes are the floor.
+        self.resident_rss_bytes = max(rss_bytes() - rss0, self._net.nbytes + self.vocab_bytes)
+        self._prefetch = prefetch
         if manifest is not None:
             self._setup_flash(manifest, ffn_share, skip_fraction, ffn_mode, neuron_window,
                               kv_reserve_tokens, kv_cache, direct_io, cold_skip_fraction,
@@ -124,14 +177,92 @@ class Model:
         resolve_layer(self.filter_options, self.config)  # a bad filter_layer fails at load
         self._gemfilter = None
         self._lock = threading.RLock()
+        self._cancel = None  # the running stream's cancel event (checked between chunks)
+        self._streaming = False  # an RLock lets one thread re-enter: refuse a second open stream
         self.load_s = time.perf_counter() - t0
         self.stats: dict = {"load_s": self.load_s, **self.memory_report()}
 
     # ---- flash-resident FFN -----------------------------------------------------------------
-    def _needs_flash(self, model_bytes: int) -> bool:
-        """A budget below what the dense model needs (measured: ~1.2x the file for weights held
-        by ONNX Runtime, plus the KV reserve) switches the FFN to flash."""
-        return self.memory_budget is not None and self.memory_budget < 1.2 * model_bytes
+    def _warm_segments(self) -> None:
+        """Run every compiled segment once on a zero row: ONNX Runtime allocates each
+        session's run state on its first call (~10 MB for SmolLM2), which belongs in the
+        measured resident cost rather than surprising the budget later."""
+        net = self._net
+        segs = [net.first, *net.head_slices, *getattr(self, "_preview_slices", [])]
+        segs += getattr(net, "segments", None) or [*net.pre_ffn, *net.post_ffn]
+        for seg in segs:
+            widths = getattr(seg, "input_widths", None)
+            if widths is None:
+                continue
+            seg(*[np.zeros((1, w), np.float32) for w in widths])
+
+    # measured: dense SmolLM2 172 MB and Gemma 3 486 MB of RSS over ORT's process state
+    # (weights ~1x in ORT; llama.cpp's tokenizer 25 MB / more for Gemma's 262k tokens)
+    DENSE_RSS_PER_FILE_BYTE = 1.9
+
+    def _needs_flash(self, model_bytes: int, kv_cache: str, kv_tokens: int) -> bool:
+        """A budget below what the dense model costs in RSS (measured: ~1.9x the file with
+        the tokenizer and load leftovers) plus the KV reserve switches
+        to the flash format, where the planner measures the resident part and sizes the rest."""
+        return self.memory_budget is not None and self.memory_budget < (
+            self.DENSE_RSS_PER_FILE_BYTE * model_bytes
+            + self._kv_reserve_bytes(kv_cache, kv_tokens))
+
+    def _kv_reserve_bytes(self, kv_cache: str, kv_tokens: int) -> int:
+        c = self.config
+        # bytes per cached value: f16 2, q8 1 + scales, q4 0.5 + scales (cache/ modules)
+        per_value = {"f16": 2.0, "f32": 4.0, "q8": 1.125, "q4": 0.625}.get(kv_cache, 2.0)
+        return int(2 * c.n_layers * c.n_kv_heads * c.head_dim * per_value
+                   * min(kv_tokens, self.n_ctx))
+
+    def _vocab_needs_flash(self, manifest, model_bytes, kv_cache, kv_tokens) -> bool:
+        """The planner's first choice: the head stays resident if it fits the budget next to
+        the other resident weights, the KV reserve and a quarter of the FFN's bundles; else
+        the vocabulary goes to flash (two-stage head). The resident part with its head measured
+        ~2x the resident file in RSS (SmolLM2: 128 MB for 65 MB: Q4_1 weights ~1.4x in ORT,
+        plus the tokenizer's 25 MB)."""
+        if self.memory_budget is None:
+            return False
+        files = manifest.data["files"]
+        head = manifest.vocab["rows"] * manifest.vocab["row_bytes"]
+        tied = manifest.vocab["tied"]
+        resident = files["resident.gguf"]["size"] - (0 if tied else head)
+        need = (2.0 * resident + self._kv_reserve_bytes(kv_cache, kv_tokens) + WORKING_BYTES
+                + 0.25 * files["ffn.bin"]["size"])
+        return self.memory_budget < need
+
+    def _setup_vocab(self, manifest, n_candidates, hot_rows, cache_rows, direct_io):
+        """The vocabulary on flash: a resident low-bit preview head (compiled in slices like
+        the full head) + rows read on demand; the embedding comes from the same rows when the
+        head is tied to it."""
+        from gguf import GGMLQuantizationType
+
+        from .vocab.head import TwoStageHead
+        from .vocab.rows import VocabRows
+
+        if n_candidates < 1:
+            raise InvalidArgumentError(f"head_candidates must be >= 1; got {n_candidates!r}")
+        grid, d = manifest.preview(), self.config.d_model
+        step = self._net.HEAD_SLICE_ROWS
+        parts = [grid.rows(a, min(grid.n, a + step)) for a in range(0, grid.n, step)]
+        slices = [self.backend.compile(self._file, lambda g, h, p=p: [g.linear_packed(h, p)],
+                                       [d]) for p in parts]
+        self._preview_slices = slices
+        v = manifest.vocab
+        rows = VocabRows(manifest.path / "vocab.bin", manifest.token_order(),
+                         GGMLQuantizationType[v["qtype"]], d, hot_rows, cache_rows,
+                         max_batch=1024, direct=direct_io)
+        self._vocab_head = TwoStageHead(
+            lambda h: np.concatenate([sl(h)[0] for sl in slices], axis=1), rows, n_candidates)
+        if v["tied"]:
+            self._net.embed_rows = rows.rows
+
+    @property
+    def vocab_bytes(self) -> int:
+        """DRAM held for the vocabulary on flash: preview head + row pools and buffers."""
+        if self._vocab_head is None:
+            return 0
+        return sum(s.nbytes for s in self._preview_slices) + self._vocab_head.rows.nbytes
 
     def _setup_flash(self, manifest, ffn_share, skip_fraction, mode, window, kv_tokens,
                      kv_cache, direct_io, cold_skip_fraction, coalesce_gap):
@@ -147,18 +278,26 @@ class Model:
                 import psutil
 
                 budget = int(psutil.virtual_memory().available * 0.5)
-            # bytes per cached value: f16 2, q8 1 + scales, q4 0.5 + scales (cache/ modules)
-            per_value = {"f16": 2.0, "f32": 4.0, "q8": 1.125, "q4": 0.625}.get(kv_cache, 2.0)
-            kv_per_token = int(2 * c.n_layers * c.n_kv_heads * c.head_dim * per_value)
             probe = FlashFFN.bytes_per_neuron(lay)
-            self.plan = plan(budget, self._net.nbytes, kv_per_token, min(kv_tokens, self.n_ctx),
-                             lay.section, probe, c.n_layers, c.ffn_dim)
+            self.plan = plan(budget, max(self._net.nbytes + self.vocab_bytes,
+                                         self.resident_rss_bytes),
+                             self._kv_reserve_bytes(kv_cache, 1), min(kv_tokens, self.n_ctx),
+                             lay.section * (2 if self._prefetch and mode == "ours" else 1),
+                             probe, c.n_layers, c.ffn_dim)
             capacity = self.plan.capacity
+        ffn_class = FlashFFN
+        if self.backend.name == "mlx":  # the neuron pool gets a twin on the device
+            from functools import partial
+
+            from .flash.mlx_ffn import MlxFlashFFN
+
+            ffn_class = partial(MlxFlashFFN, backend=self.backend)
         try:
-            self._flash = FlashFFN(manifest, c.activation, capacity, skip_fraction=skip_fraction,
-                                   cold_skip_fraction=cold_skip_fraction,
-                                   coalesce_gap=coalesce_gap, window=window, mode=mode,
-                                   threads=max(4, self.threads * 2), direct=direct_io)
+            self._flash = ffn_class(manifest, c.activation, capacity, skip_fraction=skip_fraction,
+                                    cold_skip_fraction=cold_skip_fraction,
+                                    coalesce_gap=coalesce_gap, window=window, mode=mode,
+                                    threads=max(4, self.threads * 2), direct=direct_io,
+                                    prefetch=self._prefetch)
         except ValueError as exc:
             raise InvalidArgumentError(str(exc)) from None
 
@@ -166,7 +305,10 @@ class Model:
         return self._flash(layer, h, gate)
 
     def flash_report(self) -> dict:
-        return self._flash.report() if self._flash is not None else {}
+        out = self._flash.report() if self._flash is not None else {}
+        if self._vocab_head is not None:
+            out.update(self._vocab_head.report())
+        return out
 
     # ---- text <-> ids ----------------------------------------------------------------------
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
@@ -179,7 +321,8 @@ class Model:
     @property
     def resident_bytes(self) -> int:
         """Weights held in DRAM: the backend's resident part plus the neuron pools."""
-        return self._net.nbytes + (self._flash.nbytes if self._flash is not None else 0)
+        return (self._net.nbytes + (self._flash.nbytes if self._flash is not None else 0)
+                + self.vocab_bytes)
 
     @property
     def kv_bytes(self) -> int:
@@ -191,9 +334,9 @@ class Model:
 
     def _make_caches(self):
         c, cores = self.config, self._net.cores
-        return make_kv_caches(self.kv_spec, c.n_layers, c.n_kv_heads, c.head_dim,
-                              sliding_windows=[core.window for core in cores],
-                              rope_shifts=[core.shift_keys for core in cores])
+        return self.backend.make_kv_caches(self.kv_spec, c.n_layers, c.n_kv_heads, c.head_dim,
+                                           sliding_windows=[core.window for core in cores],
+                                           rope_shifts=[core.shift_keys for core in cores])
 
     @property
     def bounded(self) -> bool:
@@ -205,11 +348,18 @@ class Model:
         return sum(c.bytes_at(n_tokens, self.prefill_chunk) for c in self._caches)
 
     def kv_budget_bytes(self) -> int | None:
-        """What memory_budget leaves for the KV cache after the resident weights (None: no
-        budget given). The full planner (flash-resident weights) will refine this."""
+        """What memory_budget leaves for the KV cache (None: no budget given): the budget less
+        the resident part as measured in RSS, the neuron pools and read buffers, and the
+        working memory the planner reserves."""
         if self.memory_budget is None:
             return None
-        return self.memory_budget - self.resident_bytes
+        return self.memory_budget - self.held_bytes
+
+    @property
+    def held_bytes(self) -> int:
+        """What the model holds besides its KV cache, as the planner counts it."""
+        pools = self._flash.nbytes if self._flash is not None else 0
+        return self.resident_rss_bytes + pools + WORKING_BYTES
 
     def _check_kv_budget(self, n_tokens: int) -> None:
         budget = self.kv_budget_bytes()
@@ -224,8 +374,8 @@ class Model:
             raise KVBudgetError(
                 f"a context of {n_tokens} tokens needs {format_bytes(need)} of KV cache "
                 f"({self.kv_spec.kind}); the memory budget of {format_bytes(self.memory_budget)} "
-                f"leaves {format_bytes(max(budget, 0))} after {format_bytes(self.resident_bytes)} "
-                f"of weights{hint}")
+                f"leaves {format_bytes(max(budget, 0))} after {format_bytes(self.held_bytes)} "
+                f"of weights and working memory{hint}")
 
     def reset(self) -> None:
         """Forget the KV cache (the next call prefills from scratch)."""
@@ -233,11 +383,35 @@ class Model:
             self._caches = self._make_caches()
             self._cached_ids = []
 
+    def swap_cache(self, state: KVState | None = None) -> KVState:
+        """Take the KV cache (and the ids it holds) out of the model and put state in its place
+        (None: an empty cache). A server keeps one KVState per conversation, so interleaved
+        conversations each reuse their own prefix; a KVState's memory is its nbytes."""
+        with self._lock:
+            self._refuse_nested("swap_cache")
+            if state is not None and state.owner != id(self):
+                raise InvalidArgumentError("this KVState belongs to another Model")
+            old = KVState(self._cached_ids, self._caches, id(self))
+            if state is None:
+                self._caches, self._cached_ids = self._make_caches(), []
+            else:
+                self._caches, self._cached_ids = state.caches, state.ids
+            return old
+
+    def _refuse_nested(self, what: str) -> None:
+        if self._streaming:
+            raise InvalidArgumentError(
+                f"{what}: a stream on this model is still open in this thread; finish it or "
+                "close() it first")
+
     def close(self) -> None:
         with self._lock:
             if self._flash is not None:
                 self._flash.close()
                 self._flash = None
+            if self._vocab_head is not None:
+                self._vocab_head.rows.close()
+                self._vocab_head = None
             self._caches, self._cached_ids, self._net = [], [], None
             self._file.close()
 
@@ -248,8 +422,17 @@ class Model:
         self.close()
 
     # ---- forward -------------------------------------------------------------------------------
-    def _forward(self, ids: Sequence[int], all_logits: bool) -> np.ndarray:
-        """Feed ids after the cache in chunks; logits of the last position (vocab,) or all."""
+    def _head(self, h: np.ndarray, exact: bool) -> np.ndarray:
+        """(T, d) final hidden states -> (T, vocab) logits: the resident head, or with the
+        vocabulary on flash the two-stage head (generation) or the streamed exact head."""
+        if self._vocab_head is None:
+            return self._net.head(h)
+        h = self.backend.to_host(h)  # the two-stage head works on host arrays
+        return self._vocab_head.full(h) if exact else self._vocab_head(h)
+
+    def _forward(self, ids: Sequence[int], all_logits: bool, hidden: bool = False) -> np.ndarray:
+        """Feed ids after the cache in chunks; logits of the last position (vocab,) or all
+        (or with hidden=True the final-normed hidden states of all, (T, d))."""
         total = len(self._cached_ids) + len(ids)
         if total > self.n_ctx and not self.bounded:
             raise ContextLengthError(
@@ -258,19 +441,23 @@ class Model:
         outs = []
         try:
             for s in range(0, len(ids), self.prefill_chunk):
+                if self._cancel is not None and self._cancel.is_set():
+                    raise _Cancelled
                 chunk = list(ids[s : s + self.prefill_chunk])
                 h = self._net.forward(np.asarray(chunk, np.int64), self._caches)
                 self._cached_ids.extend(chunk)
-                if all_logits:
-                    outs.append(self._net.head(h))
+                if hidden:
+                    outs.append(h)
+                elif all_logits:
+                    outs.append(self._head(h, exact=True))
                 elif s + self.prefill_chunk >= len(ids):
-                    outs.append(self._net.head(h[-1:]))
+                    outs.append(self._head(h[-1:], exact=False))
         except BaseException:
             # Ctrl-C or an error mid-chunk: roll every layer back to what _cached_ids says.
             for c in self._caches:
                 c.trim(c.offset - len(self._cached_ids))
             raise
-        return np.concatenate(outs) if all_logits else outs[-1][0]
+        return np.concatenate(outs) if all_logits or hidden else outs[-1][0]
 
     def _reuse_prefix(self, ids: Sequence[int]) -> int:
         """Trim the cache to its longest common prefix with ids (keeping >= 1 id to run)."""
@@ -295,7 +482,17 @@ class Model:
             self.reset()
             return self._forward(ids, all_logits=True)
 
+    def hidden_states(self, ids: Sequence[int]) -> np.ndarray:
+        """(len(ids), d_model) final-normed hidden states (what the head multiplies), for
+        measuring heads against each other."""
+        ids = self._check_ids(ids)
+        with self._lock:
+            self.reset()
+            return self._forward(ids, all_logits=False, hidden=True)
+
     def _check_ids(self, ids) -> list[int]:
+        if self._net is None:
+            raise InvalidArgumentError("this model is closed; load it again")
         ids = [int(i) for i in ids]
         if not ids:
             raise InvalidArgumentError("need at least one token")
@@ -341,11 +538,15 @@ class Model:
                temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95,
                min_p: float = 0.05, repeat_penalty: float = 1.0, repeat_last_n: int = 64,
                seed: int | None = None, stop: str | Sequence[str] | None = None,
+               cancel: threading.Event | None = None,
                **filter_overrides) -> Iterator[GenerationChunk]:
         """Yield GenerationChunk(text, token, stats) as tokens are generated.
 
         prompt: text (tokenized with BOS, special tokens parsed) or token ids. Generation ends at
         an end-of-generation token, a stop string (not included), max_tokens, or the context end.
+        cancel: an event another thread may set; the stream then stops within one token (or one
+        prefill chunk), frees the KV cache and ends with a chunk whose finish_reason is
+        "cancelled".
         filter_overrides: token_filter, filter_keep, filter_layer, filter_threshold for this
         call (default: what load() was given).
         """
@@ -359,7 +560,7 @@ class Model:
         sampler = make_sampler(temperature, top_k, top_p, min_p, seed)
         penalty = make_repetition_penalty(repeat_penalty, repeat_last_n)
         return self._stream(ids, max_tokens, sampler, [penalty] if penalty else [], stops,
-                            options)
+                            cancel, options)
 
     # ---- token filter (GemFilter) ------------------------------------------------------------
     _FILTER_KEYS = {"token_filter": "mode", "filter_keep": "keep", "filter_layer": "layer",
@@ -397,8 +598,23 @@ class Model:
                                         self.prefill_chunk)
         return self._gemfilter
 
-    def _stream(self, ids, max_tokens, sampler, processors, stops, options=None):
+    def _stream(self, ids, max_tokens, sampler, processors, stops, cancel=None, options=None):
         with self._lock:
+            self._refuse_nested("stream")
+            self._streaming, self._cancel = True, cancel
+            try:
+                yield from self._stream_locked(ids, max_tokens, sampler, processors, stops,
+                                               options)
+            except _Cancelled:
+                # the caller gave up: drop its cache now rather than hold it until the next call
+                self._caches, self._cached_ids = self._make_caches(), []
+                self.stats.update(kv_bytes=0, cancelled=True)
+                yield GenerationChunk("", None, dict(self.stats), "cancelled")
+            finally:
+                self._streaming, self._cancel = False, None
+
+    def _stream_locked(self, ids, max_tokens, sampler, processors, stops, options=None):
+        with self._lock:  # re-entered: _stream holds it
             t0 = time.perf_counter()
             options = options or self.filter_options
             n_prompt = len(ids)
@@ -469,8 +685,11 @@ class Model:
         first = getattr(self, "_flash_at_first", None)
         if flash and first and n > 1:  # decode only: what each generated token cost
             for key in ("flash_bytes_read", "flash_reads", "io_s", "memory_management_s",
-                        "compute_s"):
-                flash[f"{key}_per_token"] = (flash[key] - first[key]) / (n - 1)
+                        "compute_s", "vocab_bytes_read", "vocab_reads", "head_s"):
+                if key in flash:
+                    flash[f"{key}_per_token"] = (flash[key] - first[key]) / (n - 1)
+            if "head_s_per_token" in flash and now > t_first:
+                flash["head_time_share"] = flash["head_s_per_token"] * (n - 1) / (now - t_first)
         return {
             **flash,
             "ttft_s": ttft,
@@ -516,6 +735,9 @@ def load(model=None, memory_budget=None, backend: str = "auto", kv_cache: str = 
 
     KV cache options: kv_cache "f16" | "q8" | "q4"; kv_window=N bounds the cache to kv_sinks
     (default 4) first + at least N recent positions (StreamingLLM), so a context may run past
-    the model's; kv_residual (default 128) recent positions stay float16 in q8/q4."""
+    the model's; kv_residual (default 128) recent positions stay float16 in q8/q4.
+    progress(step, total, what): called while a first load converts the model to the flash
+    format (a budget below what it needs, or ffn_share=); None prints a bar on stderr. An
+    exception raised by it stops the conversion and leaves nothing behind."""
     return Model(resolve_model(model), backend=backend, kv_cache=kv_cache,
                  memory_budget=memory_budget, token_filter=token_filter, **options)

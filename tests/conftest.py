@@ -33,6 +33,16 @@ def gemma3_file(gemma3_path):
 
 
 @pytest.fixture(scope="session")
+def flash_dir(tmp_path_factory, smollm2_path):
+    """SmolLM2 converted to the flash format once per test session."""
+    from flashinfer_lite.flash.calibration import calibrate
+    from flashinfer_lite.loaders.flash_format import convert
+
+    out = tmp_path_factory.mktemp("flash") / "smollm2.flash"
+    return convert(smollm2_path, out, lambda f: calibrate(f, n_tokens=256))
+
+
+@pytest.fixture(scope="session")
 def smollm2(smollm2_path):
     import flashinfer_lite as fl
 

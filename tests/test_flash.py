@@ -11,18 +11,11 @@ from gguf.quants import dequantize
 import flashinfer_lite as fl
 from flashinfer_lite.cache.neuron_pool import NeuronPool
 from flashinfer_lite.errors import BudgetError, InvalidModelFileError
-from flashinfer_lite.flash.calibration import calibrate
 from flashinfer_lite.kernels.sparse_ffn import sparse_ffn
 from flashinfer_lite.loaders.direct_io import ALIGN, FlashReader, coalesce
 from flashinfer_lite.loaders.flash_format import DOWN_TYPE, convert, open_flash_dir
 from flashinfer_lite.loaders.gguf_file import GGUFFile
 from flashinfer_lite.loaders.quant_grid import decode_grid
-
-
-@pytest.fixture(scope="module")
-def flash_dir(tmp_path_factory, smollm2_path):
-    out = tmp_path_factory.mktemp("flash") / "smollm2.flash"
-    return convert(smollm2_path, out, lambda f: calibrate(f, n_tokens=256))
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +167,7 @@ def test_budget_too_small_states_minimum(flash_dir):
         fl.load(flash_dir, memory_budget="20MB")
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "manifest", "missing"])
+@pytest.mark.parametrize("damage", ["truncate", "flip", "manifest", "missing", "vocab"])
 def test_damaged_flash_dir_is_refused(flash_dir, tmp_path, damage):
     bad = tmp_path / "bad.flash"
     shutil.copytree(flash_dir, bad)
@@ -189,6 +182,10 @@ def test_damaged_flash_dir_is_refused(flash_dir, tmp_path, damage):
         m = json.loads((bad / "manifest.json").read_text())
         m["layers"][0]["order"][0], m["layers"][0]["order"][1] = 1, 0
         (bad / "manifest.json").write_text(json.dumps(m))
+    elif damage == "vocab":
+        with open(bad / "vocab.bin", "r+b") as fh:
+            fh.seek(1000)
+            fh.write(b"\x00" * 8)
     else:
         (bad / "resident.gguf").unlink()
     with pytest.raises(InvalidModelFileError):
@@ -204,3 +201,16 @@ def test_interrupted_convert_leaves_nothing_loadable(smollm2_path, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         convert(smollm2_path, out, boom)
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_prefetch_reads_ahead_without_changing_results(flash_dir):
+    """Prefetched bundles are the same bytes: greedy text is identical, and the prefetch
+    is used (counted) and its reads are in the flash byte count."""
+    on = fl.load(flash_dir, ffn_share=0.25, prefetch=True, vocab_on_flash=False, threads=2)
+    off = fl.load(flash_dir, ffn_share=0.25, prefetch=False, vocab_on_flash=False, threads=2)
+    prompt = "The history of the city of Rome"
+    assert on.generate(prompt, max_tokens=12) == off.generate(prompt, max_tokens=12)
+    s = on.stats
+    assert s["prefetch_bytes_read"] > 0 and 0 < s["prefetch_hit_rate"] <= 1
+    assert s["flash_bytes_read"] > s["prefetch_bytes_read"]
+    assert off.stats["prefetch_bytes_read"] == 0

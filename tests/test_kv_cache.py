@@ -312,18 +312,22 @@ def test_prompt_cache_file_refused_when_wrong(smollm2_path, gemma3, tmp_path):
 
 
 def test_kv_budget_is_a_clear_error_or_a_bounded_cache(smollm2_path):
+    from flashinfer_lite.memory import parse_budget
+
     probe = fl.load(smollm2_path, threads=2)
-    need = probe.kv_bytes_needed(1000)
-    assert probe.kv_bytes_needed(500) < need
-    budget = probe.resident_bytes + need // 2
+    # the smallest budget that keeps the dense model (below it the planner goes to flash)
+    file_bytes = smollm2_path.stat().st_size
+    budget = int(probe.DENSE_RSS_PER_FILE_BYTE * file_bytes + probe.kv_bytes_needed(1024)) + 1
     m = fl.load(smollm2_path, memory_budget=budget, threads=2)
-    ids = m.tokenize("word " * 3000)[:1000]
-    with pytest.raises(fl.KVBudgetError, match="1000 tokens needs"):
+    assert m._flash is None and m.memory_budget == parse_budget(budget, file_bytes)
+    left = m.kv_budget_bytes()
+    n = next(n for n in range(256, 8192, 64) if m.kv_bytes_needed(n) > left)
+    ids = m.tokenize("word " * (2 * n))[:n]
+    with pytest.raises(fl.KVBudgetError, match=f"{n} tokens needs"):
         m.generate(ids, max_tokens=1)
     assert isinstance(fl.KVBudgetError("x"), fl.ContextLengthError)
     q4 = fl.load(smollm2_path, memory_budget=budget, kv_cache="q4", threads=2)
-    q4.generate(ids, max_tokens=1)  # q4 fits where f16 does not
-    assert q4.kv_bytes <= budget - q4.resident_bytes
+    assert q4.kv_bytes_needed(n) <= left  # q4 fits where f16 does not
     bounded = fl.load(smollm2_path, memory_budget=budget, kv_cache="q8", kv_window=128,
                       threads=2)
     assert bounded.kv_bytes_needed(100_000) == bounded.kv_bytes_needed(5000)

@@ -231,6 +231,52 @@ def convert(model, out, force, verify, calibration_tokens):
         click.echo(f"verified {dest}: {report}")
 
 
+@app.command()
+@common_model_options
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="address to listen on; anything but loopback exposes the model to the network")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
+              help="TCP port (0: a free one)")
+@click.option("--api-key", envvar="FLASHINFER_LITE_API_KEY", default=None,
+              help="require 'Authorization: Bearer KEY' on every request "
+                   "(or set FLASHINFER_LITE_API_KEY)")
+@click.option("--cache-slots", type=click.IntRange(min=0), default=4, show_default=True,
+              help="conversations whose KV cache is kept for their next turn")
+@click.option("--cache-memory", default="256MB", show_default=True,
+              help="most memory the kept conversation caches may hold (e.g. 64MB)")
+@click.option("--max-queue", type=click.IntRange(min=1), default=64, show_default=True,
+              help="requests waiting beyond this get 503")
+@click.option("--model-id", default=None,
+              help="the name clients send as 'model' (default: -m's value or the file's stem)")
+def serve(model, backend, threads, ctx_size, kv_cache, kv_window, kv_sinks, memory_budget,
+          ffn_share, host, port, api_key, cache_slots, cache_memory, max_queue, model_id,
+          **filter_opts):
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, ...)."""
+    from pathlib import Path
+
+    from ..memory import parse_budget
+    from ..registry import DEFAULT_MODEL, SHORT_NAMES
+    from ..server.run import _require_server_extra, is_loopback
+    from ..server.run import serve as run_server
+
+    _require_server_extra()  # before the model loads: a missing extra fails fast
+    cache_bytes = parse_budget(cache_memory, 0)
+    if not is_loopback(host):
+        click.echo(f"warning: listening on {host}: other machines can reach this server"
+                   + ("" if api_key else " and it has no --api-key"), err=True)
+    m = _load(model, backend, threads, ctx_size, kv_cache, memory_budget, ffn_share, kv_window,
+              kv_sinks, **filter_opts)
+    if model_id:
+        name = model_id
+    elif model is None or model in SHORT_NAMES:
+        name = model or DEFAULT_MODEL
+    else:
+        name = Path(model).name.removesuffix(".gguf").removesuffix(".flash")
+    run_server(m, name, host=host, port=port, api_key=api_key or None, cache_slots=cache_slots,
+               cache_bytes=cache_bytes, max_queue=max_queue, log_level="warning",
+               on_ready=lambda url: click.echo(f"serving {name} at {url}", err=True))
+
+
 def main():
     """Run the app; every user mistake ends as one line on stderr and a non-zero exit."""
     try:

@@ -96,4 +96,14 @@ def calibrate(f, n_tokens: int = 512) -> dict:
     caches = make_kv_caches("f16", cfg.n_layers, cfg.n_kv_heads, cfg.head_dim)
     for s in range(0, len(ids), 256):
         net.forward(np.asarray(ids[s : s + 256]), caches)
-    return rec.result()
+    return {**rec.result(), "token_order": token_order(f, cfg.vocab_size)}
+
+
+def token_order(f, vocab_size: int, chars: int = 400_000) -> np.ndarray:
+    """(V,) token ids, most frequent first on calibration text (ties by id), for the hot-first
+    vocabulary rows on flash."""
+    from ..tokenizer import Tokenizer
+
+    ids = Tokenizer(f.path).encode(topics_text()[-chars:], add_bos=False)
+    counts = np.bincount(np.asarray(ids, np.int64), minlength=vocab_size)[:vocab_size]
+    return np.argsort(-counts, kind="stable").astype(np.int32)

@@ -21,11 +21,22 @@ def progress_line(step: int, total: int, what: str) -> None:
 
 def ensure_converted(gguf_path: Path, progress=progress_line) -> Path:
     """The flash directory for gguf_path, converting it the first time."""
+    from ..loaders.flash_format import VERSION
+
     st = Path(gguf_path).stat()
-    out = cache_dir() / "flash" / f"{Path(gguf_path).stem}-{st.st_size}-{st.st_mtime_ns}"
+    # the format version is in the name: builds of different versions never fight over a dir
+    out = (cache_dir() / "flash"
+           / f"{Path(gguf_path).stem}-{st.st_size}-{st.st_mtime_ns}-v{VERSION}")
     if (out / "manifest.json").exists():
-        return out
+        import json
+
+        try:
+            if json.loads((out / "manifest.json").read_text()).get("version") == VERSION:
+                return out
+        except ValueError:
+            pass  # unreadable: convert again
     out.parent.mkdir(parents=True, exist_ok=True)
-    print(f"flashinfer-lite: converting {Path(gguf_path).name} to the flash format in {out} "
-          "(once) ...", file=sys.stderr, flush=True)
+    if progress is progress_line:  # an app's own callback shows progress its own way
+        print(f"flashinfer-lite: converting {Path(gguf_path).name} to the flash format in {out} "
+              "(once) ...", file=sys.stderr, flush=True)
     return convert(gguf_path, out, calibrate, progress=progress, force=True)

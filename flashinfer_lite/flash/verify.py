@@ -35,4 +35,11 @@ def verify_flash_dir(path: Path, source: Path | None = None) -> str:
         worst = max(worst, rel)
         if rel > 0.01:
             raise InvalidModelFileError(f"{path}: layer {i} down columns off by {rel:.3%}")
-    return f"checksums ok; up rows bit-exact; down columns within {worst:.3%} of the GGUF"
+    v = man.vocab
+    order = man.token_order()
+    rows = np.fromfile(man.path / "vocab.bin", np.uint8).reshape(v["rows"], v["row_bytes"])
+    if not np.array_equal(rows, np.asarray(f.tensor(v["tensor"]).raw).reshape(
+            v["rows"], v["row_bytes"])[order]):
+        raise InvalidModelFileError(f"{path}: vocabulary rows differ from {source}")
+    return (f"checksums ok; up rows bit-exact; down columns within {worst:.3%} of the GGUF; "
+            "vocabulary rows bit-exact")

@@ -8,7 +8,9 @@ function over a `GraphBuilder`. A backend `compile`s that function once into a `
 - the ONNX Runtime backend traces it into one ONNX graph with quantized weights, so a whole
   segment is one session call (per-call overhead, ~20 us, dominates a 576-wide matvec otherwise).
 
-The attention core itself (RoPE, KV cache, softmax) stays in numpy, shared by all CPU backends.
+The attention core itself (RoPE, KV cache, softmax) stays in numpy, shared by all CPU backends;
+a device backend (kernels/mlx_backend.py) supplies its own core and caches through
+`make_attention_core` / `make_kv_caches`, so activations stay on the device between segments.
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ class GraphBuilder(ABC):
                rows: tuple[int, int] | None = None):
         """x (T, K) @ W.T (+ b): W is the GGUF tensor `weight` (N, K), or its rows
         [start, stop) when `rows` is given (the output head is compiled in slices)."""
+
+    def linear_packed(self, x, grid):
+        """x (T, K) @ W.T for W a vocab/preview.PackedGrid (N, K) held outside any GGUF (the
+        preview head). Backends that cannot run it raise NotImplementedError."""
+        raise NotImplementedError(f"{type(self).__name__} has no packed low-bit matmul")
 
     @abstractmethod
     def rms_norm(self, x, weight: str, eps: float): ...
@@ -85,6 +92,26 @@ class Backend(ABC):
 
         n = len(view.kq) + len(view.full_k)
         return blockwise_attention(q, view_blocks(view), np.array([n]), scale)
+
+    def make_attention_core(self, f: GGUFFile, cfg, layer: int):
+        """The attention core of a layer, or None for the shared numpy one (models/common.py).
+        A device backend returns its own, so q/k/v and the cache stay on the device."""
+        return None
+
+    def make_kv_caches(self, spec, n_layers: int, n_kv_heads: int, head_dim: int,
+                       sliding_windows=None, rope_shifts=None) -> list:
+        """One KV cache per layer (cache/kv.py); a device backend may keep them on the device."""
+        from ..cache.kv import make_kv_caches
+
+        return make_kv_caches(spec, n_layers, n_kv_heads, head_dim, sliding_windows,
+                              rope_shifts)
+
+    def to_host(self, a) -> np.ndarray:
+        """A segment's output as a numpy array (device backends copy it back)."""
+        return a
+
+    def warm(self) -> None:  # noqa: B027  (optional hook: most backends have nothing to set up)
+        """Set up the backend's process-wide state (runtime, not model memory)."""
 
     @abstractmethod
     def compile(self, f: GGUFFile, fn: SegmentFn, input_widths: Sequence[int]) -> Segment:

@@ -83,6 +83,16 @@ def ffn_raw(x, x_sum, slots, coef, counts, raw, kind, up_blocks, down_off, d_blo
                     y[b * 32 + i] += sc * np.float32(np.int8(raw[s, o + 2 + i]))
 
 
+@numba.njit(cache=True, nogil=True)
+def gather_rows(src, pos, width, out):
+    """out[i] = src[pos[i] : pos[i] + width]: bundles out of the read staging buffer (numpy's
+    fancy indexing needs an (n, width) int64 index array, ~2 ms per layer here)."""
+    for i in range(len(pos)):
+        p = pos[i]
+        for j in range(width):
+            out[i, j] = src[p + j]
+
+
 def bundle_ffn(x: np.ndarray, slots: np.ndarray, coef: np.ndarray, counts: np.ndarray,
                pool) -> np.ndarray:
     """x (T, K) -> (T, D) over each row's active slots of a RawNeuronPool."""
@@ -94,3 +104,14 @@ def bundle_ffn(x: np.ndarray, slots: np.ndarray, coef: np.ndarray, counts: np.nd
     ffn_raw(x, x_sum, slots, coef, counts, pool.raw, RAW_UP_TYPES[lay.up_type], k // 32,
             lay.up_bytes, lay.d_model // 32, f16_table(), out)
     return out
+
+
+def warm() -> None:
+    """Load (or compile) the kernel now, on empty inputs of the real call's types. Loading
+    numba's JIT machinery costs ~50 MB of RSS once per process: code, not model data, so
+    benchmarks count it in the interpreter's baseline (benchmarks/bench_budget.py)."""
+    x = np.zeros((0, 32), np.float32)
+    ffn_raw(x, np.zeros((0, 1), np.float32), np.zeros((0, 1), np.int64),
+            np.zeros((0, 1), np.float32), np.zeros(0, np.int64), np.zeros((1, 64), np.uint8),
+            RAW_UP_TYPES[Q.Q4_0], 1, 18, 1, f16_table(), np.zeros((0, 32), np.float32))
+    gather_rows(np.zeros(64, np.uint8), np.zeros(0, np.int64), 64, np.zeros((0, 64), np.uint8))

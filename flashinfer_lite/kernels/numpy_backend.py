@@ -30,6 +30,12 @@ class _Eager(GraphBuilder):
         y = x @ (w if rows is None else w[:, rows[0] : rows[1]])
         return y if bias is None else y + self._w(bias)
 
+    def linear_packed(self, x, grid):
+        key = f"packed:{id(grid)}"
+        if key not in self.weights:
+            self.weights[key] = np.ascontiguousarray(grid.dequantize().T)  # (K, N)
+        return x @ self.weights[key]
+
     def rms_norm(self, x, weight, eps):
         return rms_norm(x, self._w(weight), eps)
 

@@ -89,6 +89,16 @@ class _Tracer(GraphBuilder):
             y = self.op("Add", [y, self.const(self.f.dense(bias), "bias")])
         return y
 
+    def linear_packed(self, x, grid):
+        # codes, scales and zero points are already in MatMulNBits' layout (vocab/preview.py)
+        return self.op(
+            "MatMulNBits",
+            [x, self.const(grid.codes, "b"), self.const(grid.scale.reshape(-1), "s"),
+             self.const(grid.zero, "z")],
+            domain=MS_DOMAIN, K=grid.k, N=grid.n, bits=grid.bits, block_size=grid.block,
+            accuracy_level=self.accuracy_level,
+        )
+
     def rms_norm(self, x, weight, eps):
         return self.op("SimplifiedLayerNormalization", [x, self.const(self.f.dense(weight), "n")],
                        axis=-1, epsilon=float(eps))
@@ -161,6 +171,7 @@ class OrtSegment(Segment):
         # weight is held twice (measured: Gemma 3's head 435 MB of RSS instead of 243 MB).
         self.sess._model_bytes = None
         self.inputs, self.outs, self._nbytes = inputs, outs, tr.nbytes
+        self.input_widths = list(input_widths)
 
     def __call__(self, *arrays):
         feed = {n: np.ascontiguousarray(a, np.float32)
@@ -248,6 +259,12 @@ class OnnxRuntimeBackend(Backend):
         # than float here); 0 computes in float32 (used by tests to check the weight layout).
         self.threads, self.accuracy_level = threads, accuracy_level
         self._decode_attention = DecodeAttention(threads)
+
+    def warm(self) -> None:
+        """Create ONNX Runtime's process-wide state now (its environment, kernel registries,
+        thread pool: ~41 MB of RSS, measured, once per process whatever the model) with a
+        trivial session, so that what a model then adds is the model's own."""
+        self.compile(None, lambda g, x: [g.add(x, x)], [1])(np.zeros((1, 1), np.float32))
 
     def attention(self, q, k, v, q_pos, k_pos, scale, window=None):
         if needs_mask(q_pos, k_pos, window):  # prefill: numpy, conversion amortized over T

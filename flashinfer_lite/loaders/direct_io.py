@@ -24,21 +24,18 @@ ALIGN = 4096
 def coalesce(starts: np.ndarray, ends: np.ndarray, gap: int,
              align: int = ALIGN) -> list[tuple[int, int]]:
     """Sorted byte ranges -> `align`-aligned (offset, length) reads, merging ranges whose aligned
-    extents are within `gap` bytes of each other (reading the gap is cheaper than a call)."""
+    extents are within `gap` bytes of each other (reading the gap is cheaper than a call).
+    Vectorized: a Python loop over ~1000 ranges per layer cost ~2 ms a call."""
     if len(starts) == 0:
         return []
-    a = (np.asarray(starts) // align) * align
-    b = -(-np.asarray(ends) // align) * align
-    reads = []
-    cur_a, cur_b = int(a[0]), int(b[0])
-    for s, e in zip(a[1:].tolist(), b[1:].tolist(), strict=True):
-        if s - cur_b <= gap:
-            cur_b = max(cur_b, e)
-        else:
-            reads.append((cur_a, cur_b - cur_a))
-            cur_a, cur_b = s, e
-    reads.append((cur_a, cur_b - cur_a))
-    return reads
+    a = (np.asarray(starts, np.int64) // align) * align
+    b = np.maximum.accumulate(-(-np.asarray(ends, np.int64) // align) * align)
+    first = np.ones(len(a), bool)  # does range i open a new read?
+    first[1:] = a[1:] - b[:-1] > gap
+    opens = np.flatnonzero(first)
+    closes = np.append(opens[1:] - 1, len(a) - 1)
+    offs, lens = a[opens], b[closes] - a[opens]
+    return list(zip(offs.tolist(), lens.tolist(), strict=True))
 
 
 class FlashReader:

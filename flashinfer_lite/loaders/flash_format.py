@@ -6,8 +6,11 @@ contiguous, aligned bundle per neuron (row-column bundling, "LLM in a flash").
     OUT/ffn.bin         per layer, a 4 KiB-aligned section of `ffn_dim` bundles in hot-first
                         order; bundle = up row (the GGUF's blocks, bit-exact) + down column
                         (re-encoded as Q8_0 along d_model), padded to `stride` bytes
+    OUT/vocab.bin, vocab_order.npy, preview_*.npy
+                        the vocabulary on flash (vocab/rows.py: head rows hot-first) and the
+                        low-bit preview head that stays resident (vocab/preview.py)
     OUT/manifest.json   magic, version, shapes, per-layer offsets, neuron order and calibration,
-                        sha256 of both files and of the manifest itself
+                        sha256 of every file and of the manifest itself
 
 Everything is written into OUT.tmp-<pid> and renamed into place at the end, so an interrupted
 convert leaves nothing that loads.
@@ -29,10 +32,16 @@ from ..errors import InvalidModelFileError
 from .gguf_file import GGUFFile, _field_value
 
 MAGIC = "flashinfer-lite/flash"
-VERSION = 1
+VERSION = 2
 ALIGN = 4096  # direct I/O alignment (and a page)
 DOWN_TYPE = GGMLQuantizationType.Q8_0
 FLASH_TENSORS = ("ffn_up", "ffn_down")
+# The preview head: 4-bit codes in groups of 64 (4.56 bits per weight with scales and zero
+# points). 2-bit previews missed the true top-1 among 128 candidates at ~1% of positions on
+# SmolLM2 (benchmarks/results/vocab_fidelity_*.json); 4-bit kept it within 32 everywhere.
+PREVIEW_BITS, PREVIEW_BLOCK = 4, 64
+VOCAB_FILES = ("vocab.bin", "vocab_order.npy", "preview_codes.npy", "preview_scale.npy",
+               "preview_zero.npy")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -99,6 +108,38 @@ def encode_bundles(up_raw: np.ndarray, down_dense: np.ndarray, order: np.ndarray
     return buf.tobytes()
 
 
+def head_tensor(f: GGUFFile) -> str:
+    """The output head's rows: its own tensor, or the token embedding when tied."""
+    return "output.weight" if "output.weight" in f.tensors else "token_embd.weight"
+
+
+def write_vocab(f: GGUFFile, cfg, order: np.ndarray, out: Path) -> dict:
+    """vocab.bin (the head's GGUF rows in `order`, bit-exact), vocab_order.npy and the preview
+    head's three arrays; returns the manifest's "vocab" entry."""
+    from ..vocab.preview import quantize_rows
+
+    name = head_tensor(f)
+    t = f.tensor(name)
+    if t.shape != (cfg.vocab_size, cfg.d_model):
+        raise InvalidModelFileError(f"{name} has shape {t.shape}; expected "
+                                    f"({cfg.vocab_size}, {cfg.d_model})")
+    if sorted(order.tolist()) != list(range(cfg.vocab_size)):
+        raise ValueError("token order is not a permutation of the vocabulary")
+    raw = np.asarray(t.raw).reshape(cfg.vocab_size, -1)  # (V, row bytes)
+    with open(out / "vocab.bin", "wb") as fh:
+        for s in range(0, len(order), 16384):
+            fh.write(np.ascontiguousarray(raw[order[s : s + 16384]]).tobytes())
+    np.save(out / "vocab_order.npy", order.astype(np.int32))
+    grid = quantize_rows(lambda s, e: f.rows(name, np.arange(s, e)), cfg.vocab_size,
+                         cfg.d_model, PREVIEW_BITS, PREVIEW_BLOCK)
+    np.save(out / "preview_codes.npy", grid.codes)
+    np.save(out / "preview_scale.npy", grid.scale)
+    np.save(out / "preview_zero.npy", grid.zero)
+    return {"tensor": name, "qtype": t.qtype.name, "rows": cfg.vocab_size,
+            "row_bytes": int(raw.shape[1]), "tied": name == "token_embd.weight",
+            "preview": {"bits": PREVIEW_BITS, "block": PREVIEW_BLOCK}}
+
+
 def _copy_metadata(src: GGUFFile, w: GGUFWriter) -> None:
     for name, field in src._fields.items():
         if name.startswith("GGUF.") or name == "general.architecture":
@@ -128,7 +169,7 @@ def convert(gguf_path: Path, out: Path, calibrate, progress=None, force: bool = 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        total = cfg.n_layers + 2
+        total = cfg.n_layers + 3
         say = progress or (lambda *a: None)
         say(0, total, "calibrating neuron activity")
         cal = calibrate(f)
@@ -167,13 +208,16 @@ def convert(gguf_path: Path, out: Path, calibrate, progress=None, force: bool = 
                 })
                 fh.write(section)
                 say(i + 2, total, f"layer {i + 1}/{cfg.n_layers}")
+        vocab = write_vocab(f, cfg, np.asarray(cal["token_order"]), tmp)
+        say(total - 1, total, "vocabulary and preview head")
         manifest = {
             "magic": MAGIC, "version": VERSION, "architecture": cfg.architecture,
             "name": cfg.name, "n_layers": cfg.n_layers, "layout": layout.as_dict(),
             "source": {"file": Path(gguf_path).name, "size": f.file_size},
             "calibration": cal.get("info", {}),
+            "vocab": vocab,
             "files": {n: {"size": (tmp / n).stat().st_size, "sha256": sha256_file(tmp / n)}
-                      for n in ("resident.gguf", "ffn.bin")},
+                      for n in ("resident.gguf", "ffn.bin", *VOCAB_FILES)},
             "layers": layers,
         }
         manifest["checksum"] = _manifest_checksum(manifest)
@@ -203,6 +247,24 @@ class FlashManifest:
 
     def layer(self, i: int) -> dict:
         return self.data["layers"][i]
+
+    @property
+    def vocab(self) -> dict:
+        return self.data["vocab"]
+
+    def preview(self):
+        """The resident preview head (vocab/preview.PackedGrid), memory-mapped."""
+        from ..vocab.preview import PackedGrid
+
+        v = self.data["vocab"]
+        codes = np.load(self.path / "preview_codes.npy", mmap_mode="r")
+        return PackedGrid(v["preview"]["bits"], v["preview"]["block"], v["rows"],
+                          self.layout.d_model, codes,
+                          np.load(self.path / "preview_scale.npy", mmap_mode="r"),
+                          np.load(self.path / "preview_zero.npy", mmap_mode="r"))
+
+    def token_order(self) -> np.ndarray:
+        return np.load(self.path / "vocab_order.npy")
 
 
 def open_flash_dir(path: Path, verify_data: bool = True) -> FlashManifest:

@@ -109,17 +109,22 @@ class AttentionCore:
 class CausalLM:
     """Embedding, alternating segments and attention cores, final norm, output head."""
 
-    HEAD_SLICE_ROWS = 32768
+    HEAD_SLICE_ROWS = 8192  # load transients scale with a slice: 8192 rows keep peak RSS ~ held
 
-    def __init__(self, f: GGUFFile, backend: Backend, cfg: ModelConfig, ffn=None):
+    def __init__(self, f: GGUFFile, backend: Backend, cfg: ModelConfig, ffn=None,
+                 head: bool = True):
         """ffn: None for the dense FFN inside the segments, or a callable
         (layer, h (T, d), gate (T, ffn)) -> (T, d) that runs the FFN outside them; the gate
-        pre-activations come from the resident gate weight inside the segment."""
+        pre-activations come from the resident gate weight inside the segment.
+        head=False leaves the output head out (the vocabulary lives on flash: vocab/), and
+        `embed_rows` may then supply embedding rows (ids (T,) -> (T, d) float32)."""
         self.file, self.cfg, self.backend, self.ffn = f, cfg, backend, ffn
+        self.embed_rows = None
         d, q_width = cfg.d_model, cfg.n_heads * cfg.head_dim
         n = cfg.n_layers
         rope_tables: dict = {}  # one per RoPE configuration, shared by the layers
-        self.cores = [AttentionCore(f, cfg, i, backend, rope_tables) for i in range(n)]
+        self.cores = [backend.make_attention_core(f, cfg, i)
+                      or AttentionCore(f, cfg, i, backend, rope_tables) for i in range(n)]
 
         def compile_segment(fn, widths):
             seg = backend.compile(f, fn, widths)
@@ -139,10 +144,10 @@ class CausalLM:
                                              [d, d]) for i in range(n)]
         # The head is compiled in vocabulary slices: loading it whole needs several transient
         # copies of the largest tensor (Gemma 3: 1.4 GB peak RSS for a 253 MB file).
-        head = "output.weight" if "output.weight" in f.tensors else "token_embd.weight"
+        rows = "output.weight" if "output.weight" in f.tensors else "token_embd.weight"
         bounds = list(range(0, cfg.vocab_size, self.HEAD_SLICE_ROWS)) + [cfg.vocab_size]
-        self.head_slices = [
-            compile_segment(lambda g, h, r=r: [g.linear(h, head, rows=r)], [d])
+        self.head_slices = [] if not head else [
+            compile_segment(lambda g, h, r=r: [g.linear(h, rows, rows=r)], [d])
             for r in zip(bounds[:-1], bounds[1:], strict=True)
         ]
 
@@ -188,7 +193,10 @@ class CausalLM:
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         """(T,) token ids -> (T, d) rows read from the mapped file, scaled where the arch says."""
-        x = self.file.rows("token_embd.weight", ids)
+        if self.embed_rows is not None:
+            x = self.embed_rows(ids)
+        else:
+            x = self.file.rows("token_embd.weight", ids)
         if self.cfg.embed_scale != 1.0:
             x = x * np.float32(self.cfg.embed_scale)
         return x
@@ -219,9 +227,10 @@ class CausalLM:
 
     def head(self, h: np.ndarray) -> np.ndarray:
         """(T, d) -> (T, vocab) float32 logits."""
+        host = self.backend.to_host
         if len(self.head_slices) == 1:
-            return self.head_slices[0](h)[0]
-        return np.concatenate([s(h)[0] for s in self.head_slices], axis=1)
+            return host(self.head_slices[0](h)[0])
+        return np.concatenate([host(s(h)[0]) for s in self.head_slices], axis=1)
 
     @property
     def nbytes(self) -> int:

@@ -1,0 +1,327 @@
+"""The MLX backend on a GPU: correctness against the CPU path, decode speed against our CPU path,
+and the flash-resident FFN with its neuron pool on the GPU against naive per-token loading.
+
+Three steps, because the GPU machine has no llama.cpp (our tokenizer) and no network:
+
+    python benchmarks/bench_mlx.py prepare   # here: token ids -> results/mlx_inputs.json
+    python benchmarks/bench_mlx.py run --model PATH --name smollm2-135m --out DIR   # GPU machine
+    python benchmarks/bench_mlx.py plot      # here: results/mlx_*.json -> results/mlx_decode.png
+
+`run` serves the prepared ids through a lookup tokenizer (installed only when llama_cpp is
+missing) and measures, in one process:
+- correctness: 512 positions of `pydoc_data.topics`, `m.logits` on MLX's GPU against the numpy
+  backend (the exact float32 reference) and against ONNX Runtime (our fast CPU path);
+- decode: greedy tokens/s through `m.stream` after a 128-token prompt, MLX GPU and ONNX Runtime
+  alternating (A B B A ...), medians of the rounds;
+- flash: the same decode with the FFN on flash (`ffn_share` 0.5 and 0.25, mode "ours") and
+  "naive" (the whole FFN read and copied to the GPU each token), with the all-resident GPU
+  model alternating with them; per-token flash bytes, I/O, host->device copy and GPU wait.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+INPUTS = RESULTS / "mlx_inputs.json"
+EVAL_TOKENS = 512
+PROMPT_TOKENS = 128
+
+
+def _key(text: str, add_bos: bool) -> str:
+    return hashlib.sha256(f"{int(add_bos)}:{text}".encode()).hexdigest()
+
+
+# ---- prepare (on a machine with llama.cpp) ------------------------------------------------
+def prepare(models: list[str]) -> None:
+    from flashinfer_lite.flash.calibration import calibration_ids, topics_text
+    from flashinfer_lite.registry import resolve_model
+    from flashinfer_lite.tokenizer import Tokenizer
+
+    out = {}
+    for name in models:
+        tok = Tokenizer(resolve_model(name))
+        text = topics_text()
+        eval_ids = tok.encode(text[:8 * EVAL_TOKENS], add_bos=True)[:EVAL_TOKENS]
+        n_cal = 512  # flash/calibration.py's default
+        cal_text = text[-16 * n_cal:]
+        out[name] = {
+            "eval_ids": eval_ids,
+            "encode": {_key(cal_text, False): tok.encode(cal_text, add_bos=False)},
+            "bos_id": tok.bos_id, "eos_id": tok.eos_id, "n_vocab": tok.n_vocab,
+        }
+        assert calibration_ids(tok, n_cal) == out[name]["encode"][_key(cal_text, False)][-n_cal:]
+    RESULTS.mkdir(exist_ok=True)
+    INPUTS.write_text(json.dumps(out))
+    print(f"wrote {INPUTS}")
+
+
+class LookupTokenizer:
+    """Serves the ids `prepare` computed; decodes to no text (the benchmark reads no text)."""
+
+    def __init__(self, table: dict):
+        self.table = table
+        self.bos_id, self.eos_id, self.n_vocab = table["bos_id"], table["eos_id"], table["n_vocab"]
+
+    def encode(self, text: str, add_bos: bool = True, special: bool = True) -> list[int]:
+        return self.table["encode"][_key(text, add_bos)]
+
+    def piece_bytes(self, ids, special: bool = False) -> bytes:
+        return b""
+
+    def decode(self, ids, special: bool = False) -> str:
+        return ""
+
+    def is_eog(self, token: int) -> bool:
+        return False
+
+    def stream_decoder(self):
+        from flashinfer_lite.tokenizer import StreamDecoder
+
+        return StreamDecoder(self)
+
+
+def _install_lookup_tokenizer(table: dict, force: bool = False) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is not None and not force:
+        return
+    import flashinfer_lite.model
+    import flashinfer_lite.tokenizer
+
+    cls = type("Tok", (LookupTokenizer,), {"__init__": lambda self, path: LookupTokenizer.__init__(
+        self, table)})
+    flashinfer_lite.tokenizer.Tokenizer = cls
+    flashinfer_lite.model.Tokenizer = cls
+
+
+# ---- run (on the GPU machine) -------------------------------------------------------------
+def _cap_onnx_ir_version(cap: int = 10) -> None:
+    """The GPU machine's onnxruntime reads IR versions <= 13, older than its onnx writes."""
+    import onnx
+    import onnxruntime
+
+    helper = onnx.helper
+    make = helper.make_model
+
+    def make_model(*a, **kw):
+        m = make(*a, **kw)
+        m.ir_version = min(m.ir_version, cap)
+        return m
+
+    if make.__name__ != "make_model" or getattr(make, "_capped", False):
+        return
+    make_model._capped = True
+    helper.make_model = make_model
+    print("onnxruntime", onnxruntime.__version__, "onnx", onnx.__version__)
+
+
+def _decode(m, prompt, tokens: int) -> dict:
+    m.reset()
+    for _ in m.stream(prompt, max_tokens=tokens):
+        pass
+    s = dict(m.stats)
+    first = getattr(m, "_flash_at_first", None) or {}
+    n = s["generated_tokens"]
+    if first and n > 1:
+        for k in ("h2d_bytes", "h2d_s", "device_wait_s"):
+            s[f"{k}_per_token"] = (s[k] - first[k]) / (n - 1)
+    keep = ("tokens_per_s", "prefill_tokens_per_s", "generated_tokens", "flash_read_mode",
+            "flash_bytes_read_per_token", "flash_reads_per_token", "io_s_per_token",
+            "memory_management_s_per_token", "compute_s_per_token", "h2d_bytes_per_token",
+            "h2d_s_per_token", "device_wait_s_per_token", "neuron_cache_hit_rate",
+            "ffn_active_fraction", "pool_bytes")
+    return {k: s[k] for k in keep if k in s}
+
+
+def _rounds(models: dict, prompt, tokens: int, rounds: int) -> dict:
+    """Every model once per round, the order reversed every other round; medians."""
+    names = list(models)
+    for name in names:  # warm-up: kernels compiled, pools filled
+        _decode(models[name], prompt, 4)
+    runs = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            runs[name].append(_decode(models[name], prompt, tokens))
+            print(f"  round {r} {name}: {runs[name][-1]['tokens_per_s']:.1f} tok/s", flush=True)
+    out = {}
+    for name, rs in runs.items():
+        med = {k: statistics.median(r[k] for r in rs) for k in rs[0]
+               if isinstance(rs[0][k], (int, float)) and rs[0][k] is not None}
+        med.update({k: rs[0][k] for k in rs[0] if isinstance(rs[0][k], str)})
+        med["tokens_per_s_runs"] = [r["tokens_per_s"] for r in rs]
+        out[name] = med
+    return out
+
+
+def run(path: str, name: str, out_dir: str, rounds: int, tokens: int, flash_tokens: int,
+        eval_tokens: int = EVAL_TOKENS, lookup: bool = False) -> None:
+    import flashinfer_lite as fl
+    from flashinfer_lite.evaluation import compare_logits
+
+    table = json.loads(INPUTS.read_text())[name]
+    _cap_onnx_ir_version()
+    _install_lookup_tokenizer(table, lookup)
+    import mlx.core as mx
+
+    result = {"model": name, "device": str(mx.default_device()), "host": platform.node(),
+              "python": sys.version.split()[0], "mlx": mx.__version__}
+    try:
+        import subprocess
+
+        result["gpu"] = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=30).stdout.strip()
+    except Exception:
+        result["gpu"] = None
+    ids = table["eval_ids"][:eval_tokens]
+    t0 = time.perf_counter()
+    gpu = fl.load(path, backend="mlx")
+    result["load_s_mlx"] = time.perf_counter() - t0
+    result["resident_bytes_mlx"] = gpu.resident_bytes
+    t0 = time.perf_counter()
+    ort = fl.load(path, backend="onnxruntime")
+    result["load_s_onnxruntime"] = time.perf_counter() - t0
+    result["threads_onnxruntime"] = ort.threads
+
+    # correctness
+    t0 = time.perf_counter()
+    lg = gpu.logits(ids)
+    result["logits_s_mlx"] = time.perf_counter() - t0
+    ref = fl.load(path, backend="numpy")
+    t0 = time.perf_counter()
+    ln = ref.logits(ids)
+    result["logits_s_numpy"] = time.perf_counter() - t0
+    ref.close()
+    lo = ort.logits(ids)
+    agree = {"vs_numpy": compare_logits(lg, ln, ids).as_dict(),
+             "vs_onnxruntime": compare_logits(lg, lo, ids).as_dict(),
+             "onnxruntime_vs_numpy": compare_logits(lo, ln, ids).as_dict()}
+    result["correctness"] = agree
+    print(json.dumps(agree, indent=1), flush=True)
+    del lg, ln, lo
+
+    # decode, all-resident: GPU vs our CPU path
+    prompt = ids[:PROMPT_TOKENS]
+    print("decode", flush=True)
+    result["decode"] = _rounds({"mlx_gpu": gpu, "onnxruntime_cpu": ort}, prompt, tokens, rounds)
+    ort.close()
+
+    # flash-resident FFN on the GPU
+    print("flash", flush=True)
+    t0 = time.perf_counter()
+    flash = {"resident": gpu}
+    for label, kw in (("ours_0.50", dict(ffn_share=0.5)), ("ours_0.25", dict(ffn_share=0.25)),
+                      ("naive", dict(ffn_share=0.5, ffn_mode="naive")),
+                      ("ours_0.50_no_overlap", dict(ffn_share=0.5))):
+        flash[label] = fl.load(path, backend="mlx", **kw)
+    flash["ours_0.50_no_overlap"]._flash.overlap = False  # the A/B for mx.async_eval
+    result["flash_setup_s"] = time.perf_counter() - t0
+    result["flash"] = _rounds(flash, prompt[:64], flash_tokens, rounds)
+    f = result["flash"]
+    for label in ("ours_0.50", "ours_0.25"):
+        f[label]["speedup_vs_naive"] = f[label]["tokens_per_s"] / f["naive"]["tokens_per_s"]
+        f[label]["bytes_ratio_naive_over_ours"] = (
+            f["naive"]["flash_bytes_read_per_token"] / f[label]["flash_bytes_read_per_token"])
+        f[label]["vs_resident"] = f[label]["tokens_per_s"] / f["resident"]["tokens_per_s"]
+    out = Path(out_dir) / f"mlx_{name}.json"
+    out.write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: result[k] for k in ("decode", "flash")}, indent=1))
+    print(f"wrote {out}")
+
+
+# ---- plot (here) ----------------------------------------------------------------------------
+def plot() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    files = sorted(RESULTS.glob("mlx_*.json"))
+    data = [json.loads(p.read_text()) for p in files if p.name != INPUTS.name]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    labels = ["mlx_gpu", "onnxruntime_cpu"]
+    w = 0.35
+    for i, d in enumerate(data):
+        axes[0].bar([j + i * w for j in range(len(labels))],
+                    [d["decode"][k]["tokens_per_s"] for k in labels], w, label=d["model"])
+    axes[0].set_xticks([j + w / 2 for j in range(len(labels))],
+                       ["MLX (GPU)", "ONNX Runtime (CPU)"])
+    axes[0].set_ylabel("decode tokens/s (median)")
+    axes[0].set_title("all-resident")
+    axes[0].legend()
+    fl_labels = ["resident", "ours_0.50", "ours_0.25", "naive"]
+    for i, d in enumerate(data):
+        axes[1].bar([j + i * w for j in range(len(fl_labels))],
+                    [d["flash"][k]["tokens_per_s"] for k in fl_labels], w, label=d["model"])
+    axes[1].set_xticks([j + w / 2 for j in range(len(fl_labels))],
+                       ["resident", "flash 50%", "flash 25%", "naive"])
+    axes[1].set_ylabel("decode tokens/s (median)")
+    axes[1].set_title("FFN on flash, pool on the GPU")
+    axes[1].legend()
+    # where a flash decode step's time goes (medians, ms per token)
+    parts = [("io_s_per_token", "flash reads"), ("h2d_s_per_token", "host->device copy (host)"),
+             ("memory_management_s_per_token", "pool bookkeeping"),
+             ("ffn_host_s_per_token", "FFN setup (host)"),
+             ("device_wait_s_per_token", "waiting for the GPU")]
+    bars, names = [], []
+    for d in data:
+        for k in ("ours_0.50", "ours_0.25", "naive"):
+            r = dict(d["flash"][k])
+            r["ffn_host_s_per_token"] = r["compute_s_per_token"] - r["h2d_s_per_token"]
+            total = 1.0 / r["tokens_per_s"]
+            vals = [r[p] for p, _ in parts]
+            bars.append([*vals, total - sum(vals)])
+            names.append(f"{d['model'].split('-')[0]}\n{k.replace('ours_', 'ours ')}")
+    bottom = np.zeros(len(bars))
+    for i, label in enumerate([n for _, n in parts] + ["other host work"]):
+        v = np.array([b[i] for b in bars]) * 1e3
+        axes[2].bar(range(len(bars)), v, bottom=bottom, label=label)
+        bottom += v
+    axes[2].set_xticks(range(len(bars)), names, fontsize=8)
+    axes[2].set_ylabel("ms per generated token")
+    axes[2].set_title("flash decode: where the time goes")
+    axes[2].legend(fontsize=7)
+    dev = data[0].get("gpu") or data[0]["device"] if data else ""
+    fig.suptitle(f"flashinfer-lite MLX backend on {dev}")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "mlx_decode.png", dpi=120)
+    print(f"wrote {RESULTS / 'mlx_decode.png'}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare")
+    p.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
+    r = sub.add_parser("run")
+    r.add_argument("--model", required=True, help="path of the GGUF")
+    r.add_argument("--name", required=True)
+    r.add_argument("--out", default=str(RESULTS))
+    r.add_argument("--rounds", type=int, default=3)
+    r.add_argument("--tokens", type=int, default=64)
+    r.add_argument("--flash-tokens", type=int, default=32)
+    r.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS)
+    r.add_argument("--lookup-tokenizer", action="store_true",
+                   help="use the prepared ids even where llama.cpp is installed (a dry run)")
+    sub.add_parser("plot")
+    a = ap.parse_args()
+    if a.cmd == "prepare":
+        prepare(a.models)
+    elif a.cmd == "run":
+        run(a.model, a.name, a.out, a.rounds, a.tokens, a.flash_tokens, a.eval_tokens,
+            a.lookup_tokenizer)
+    else:
+        plot()
+
+
+if __name__ == "__main__":
+    main()

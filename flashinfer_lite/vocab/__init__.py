@@ -1,0 +1,1 @@
+"""The vocabulary on flash: embedding rows read on demand, and a two-stage output head."""

@@ -1,0 +1,182 @@
+"""The MLX backend against the numpy reference. In CI this runs on MLX's CPU device (Linux:
+`mlx-cpu`), which is slow, so the model checks use a few dozen tokens; the 512-position GPU
+comparison is benchmarks/bench_mlx.py's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import dequantize, quantize
+
+mx = pytest.importorskip("mlx.core", reason="MLX is not installed (the [mlx]/[cuda] extras)")
+
+from conftest import topics_text  # noqa: E402
+
+import flashinfer_lite as fl  # noqa: E402
+from flashinfer_lite.kernels.mlx_backend import (  # noqa: E402
+    GROUP,
+    grid_to_mlx,
+    mlx_gpu_available,
+    to_mlx_weight,
+)
+from flashinfer_lite.loaders.quant_grid import decode_grid  # noqa: E402
+
+
+def _ids(m, n):
+    return m.tokenize(topics_text()[: 8 * n])[:n]
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0])
+def test_gguf_blocks_map_to_mlx_groups_exactly(qtype):
+    rng = np.random.default_rng(int(qtype))
+    w = rng.standard_normal((48, 256)).astype(np.float32)
+    raw = quantize(w, qtype)
+    ref = dequantize(raw, qtype).reshape(w.shape)
+    m = grid_to_mlx(decode_grid(qtype, raw, w.shape), qtype)
+    assert m.bits == {Q.Q5_0: 5, Q.Q5_1: 5, Q.Q8_0: 8}.get(qtype, 4)
+    np.testing.assert_allclose(m.dequantize(), ref, rtol=1e-6, atol=1e-6)
+    # MLX itself reads the packing the same way
+    got = mx.dequantize(mx.array(m.packed), mx.array(m.scales), mx.array(m.biases),
+                        group_size=GROUP, bits=m.bits)
+    np.testing.assert_allclose(np.array(got), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_k_quants_of_a_real_file(gemma3_file):
+    """Q4_K maps exactly; Q6_K (16-element scales) is requantized to 8 bits, close."""
+    f = gemma3_file
+    types = {}
+    for name in f.tensors:
+        t = f.tensor(name)
+        if len(t.shape) == 2 and t.qtype in (Q.Q4_K, Q.Q6_K):
+            types.setdefault(t.qtype, name)
+    assert set(types) == {Q.Q4_K, Q.Q6_K}
+    for qtype, name in types.items():
+        ref = f.dense(name)[:64]
+        got = to_mlx_weight(f, name, rows=(0, 64)).dequantize()
+        err = np.abs(got - ref).max() / np.abs(ref).max()
+        if qtype == Q.Q4_K:
+            assert err < 1e-6
+        else:
+            assert 0 < err < 1e-2
+
+
+@pytest.fixture(scope="module")
+def smollm2_numpy(smollm2_path):
+    return fl.load(smollm2_path, backend="numpy", prefill_chunk=4)
+
+
+@pytest.fixture(scope="module")
+def smollm2_mlx(smollm2_path):
+    return fl.load(smollm2_path, backend="mlx", prefill_chunk=4)
+
+
+def test_logits_match_numpy_through_chunked_prefill(smollm2_numpy, smollm2_mlx):
+    ids = _ids(smollm2_numpy, 7)  # 2 chunks: the device cache and causal masks across chunks
+    ref, got = smollm2_numpy.logits(ids), smollm2_mlx.logits(ids)
+    assert type(smollm2_mlx._caches[0]).__name__ == "MlxKVCache"
+    assert np.abs(got - ref).max() < 0.05
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_greedy_decode_matches_numpy(smollm2_numpy, smollm2_mlx, tmp_path):
+    prompt = "The Python language"
+    a = smollm2_numpy.generate(prompt, max_tokens=3)
+    b = smollm2_mlx.generate(prompt, max_tokens=3)
+    assert a == b and len(a) > 0
+    # a second call reuses the device cache's prefix (trim) and must give the same text
+    assert smollm2_mlx.generate(prompt, max_tokens=3) == b
+    # the device cache round-trips through a prompt-cache file
+    path = tmp_path / "prompt.flkv"
+    smollm2_mlx.save_cache(path)
+    held = smollm2_mlx._caches[0].offset
+    smollm2_mlx.reset()
+    assert smollm2_mlx.load_cache(path) == held == smollm2_mlx._caches[0].offset
+    assert smollm2_mlx.generate(prompt, max_tokens=3) == b
+    assert smollm2_mlx.stats["prompt_tokens_reused"] > 0
+
+
+def test_quantized_kv_cache_stays_on_host(smollm2_path, smollm2_numpy):
+    """q8 is a host cache: the MLX model then runs the shared numpy attention core. Six positions
+    stay in q8's float16 residual, so the numpy f16 logits are the reference."""
+    m = fl.load(smollm2_path, backend="mlx", kv_cache="q8", prefill_chunk=4)
+    ids = _ids(smollm2_numpy, 6)
+    got = m.logits(ids)
+    assert type(m._caches[0]).__name__ == "QuantizedKVCache"
+    assert np.abs(got - smollm2_numpy.logits(ids)).max() < 0.05
+
+
+@pytest.mark.parametrize("layer", [0, 5])  # a sliding-window layer, a global one
+def test_gemma3_attention_core_on_the_device(gemma3_file, layer):
+    """Gemma 3's core (q/k norms, neox RoPE with two bases, sliding window shrunk to 6) on the
+    device cache against the numpy core, through prefill chunks and single decode steps."""
+    from flashinfer_lite.cache.kv import KVSpec, make_kv_cache
+    from flashinfer_lite.config import ModelConfig
+    from flashinfer_lite.kernels.mlx_attention import MlxAttentionCore, MlxKVCache
+    from flashinfer_lite.kernels.mlx_backend import MlxBackend
+    from flashinfer_lite.kernels.numpy_backend import NumpyBackend
+    from flashinfer_lite.models.common import AttentionCore
+
+    f = gemma3_file
+    cfg = ModelConfig.from_gguf(f)
+    assert cfg.is_sliding(layer) == (layer == 0)
+    ref_core = AttentionCore(f, cfg, layer, NumpyBackend())
+    core = MlxAttentionCore(f, cfg, layer, MlxBackend())
+    window = 6 if ref_core.window is not None else None
+    ref_core.window = core.window = window
+    ref_cache = make_kv_cache(KVSpec("f16"), cfg.n_kv_heads, cfg.head_dim, sliding_window=window)
+    cache = MlxKVCache(cfg.n_kv_heads, cfg.head_dim, mx)
+    rng = np.random.default_rng(layer)
+    offset = 0
+    for t in (4, 4, 1, 3, 1, 1):
+        q, k, v = (rng.standard_normal((t, n * cfg.head_dim)).astype(np.float32)
+                   for n in (cfg.n_heads, cfg.n_kv_heads, cfg.n_kv_heads))
+        pos = np.arange(offset, offset + t)
+        ref = ref_core(q, k, v, ref_cache, pos)
+        got = np.array(core(mx.array(q), mx.array(k), mx.array(v), cache, pos))
+        np.testing.assert_allclose(got, ref, atol=2e-2, rtol=0)
+        offset += t
+    assert cache.offset == offset
+
+
+def test_flash_ffn_on_the_device_matches_the_cpu_one(smollm2_path, smollm2_numpy):
+    from flashinfer_lite.flash.mlx_ffn import MlxFlashFFN
+
+    ids = _ids(smollm2_numpy, 5)
+    cpu = fl.load(smollm2_path, backend="numpy", ffn_share=0.5, prefill_chunk=2)
+    gpu = fl.load(smollm2_path, backend="mlx", ffn_share=0.5, prefill_chunk=2)
+    assert isinstance(gpu._flash, MlxFlashFFN)
+    ref, got = cpu.logits(ids), gpu.logits(ids)
+    # the skip rule may flip a neuron at its threshold between backends: compare predictions
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 4 / 5
+    assert np.median(np.abs(got - ref)) < 0.1
+    r = gpu.flash_report()
+    assert r["h2d_bytes"] > 0 and r["flash_bytes_read"] >= r["h2d_bytes"] * 0.5
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q8_0])
+def test_device_bundle_decoder(qtype):
+    from flashinfer_lite.flash.mlx_ffn import decode_rows
+
+    w = np.random.default_rng(3).standard_normal((5, 128)).astype(np.float32)
+    raw = quantize(w, qtype)
+    got = np.array(decode_rows(mx, mx.array(raw), qtype, 128))
+    np.testing.assert_array_equal(got, dequantize(raw, qtype).reshape(5, 128))
+
+
+def test_preview_head_grid_on_mlx(smollm2_file):
+    """The vocabulary-on-flash preview head (2-bit MatMulNBits layout) as MLX groups."""
+    from flashinfer_lite.kernels.mlx_backend import _MlxBuilder
+    from flashinfer_lite.vocab.preview import quantize as preview_quantize
+
+    w = np.random.default_rng(5).standard_normal((96, 576)).astype(np.float32)
+    grid = preview_quantize(w, 2, 64)
+    x = np.random.default_rng(6).standard_normal((3, 576)).astype(np.float32)
+    got = np.array(_MlxBuilder(smollm2_file, mx).linear_packed(mx.array(x), grid))
+    np.testing.assert_allclose(got, x @ grid.dequantize().T, rtol=1e-4, atol=1e-3)
+
+
+def test_auto_picks_mlx_only_with_a_gpu():
+    from flashinfer_lite.model import make_backend
+
+    assert make_backend("auto", 1).name == ("mlx" if mlx_gpu_available() else "onnxruntime")

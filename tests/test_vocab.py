@@ -1,0 +1,130 @@
+"""The vocabulary on flash: the low-bit preview's encoding, rows read on demand, the two-stage
+head against the exact head, and the planner's choice."""
+
+import numpy as np
+import pytest
+from gguf.quants import dequantize
+
+import flashinfer_lite as fl
+from flashinfer_lite.kernels.numpy_backend import NumpyBackend
+from flashinfer_lite.kernels.onnxruntime_backend import OnnxRuntimeBackend
+from flashinfer_lite.loaders.flash_format import open_flash_dir
+from flashinfer_lite.vocab.preview import pack, quantize, unpack
+from flashinfer_lite.vocab.rows import VocabRows
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_pack_round_trip(bits):
+    v = np.random.default_rng(bits).integers(0, 1 << bits, (3, 5, 64), dtype=np.uint8)
+    assert np.array_equal(unpack(pack(v, bits), bits), v)
+
+
+@pytest.mark.parametrize("bits,block", [(2, 32), (4, 64), (8, 32)])
+def test_quantize_error_within_one_step_per_group(bits, block):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((50, 256)).astype(np.float32) * rng.uniform(0.1, 3, (50, 1))
+    g = quantize(w, bits, block)
+    err = np.abs(g.dequantize() - w).reshape(50, -1, block).max(axis=2)  # (rows, groups)
+    # the grid spans [min, max] with 0 on it: rounding costs at most half a step, snapping
+    # the zero point at most another half
+    assert (err <= g.scale * 1.0001).all()
+    if bits == 8:
+        assert (err <= g.scale * 0.5001 + np.abs(w).max() / 255).all()
+
+
+def test_packed_matmul_ort_matches_numpy():
+    rng = np.random.default_rng(1)
+    g = quantize(rng.standard_normal((700, 640)).astype(np.float32), 4, 64)
+    x = rng.standard_normal((3, 640)).astype(np.float32)
+    ref = NumpyBackend().compile(None, lambda b, h: [b.linear_packed(h, g)], [640])(x)[0]
+    assert np.allclose(ref, x @ g.dequantize().T, atol=1e-3)
+    ort = OnnxRuntimeBackend(2).compile(None, lambda b, h: [b.linear_packed(h, g)], [640])(x)[0]
+    # ORT quantizes activations to int8 per block: ~1% of the largest output
+    assert np.abs(ort - ref).max() < 0.02 * np.abs(ref).max()
+
+
+@pytest.fixture(scope="module")
+def manifest(flash_dir):
+    return open_flash_dir(flash_dir)
+
+
+def test_rows_hot_pooled_and_read_are_exact(manifest, smollm2_file):
+    v = manifest.vocab
+    from gguf import GGMLQuantizationType
+
+    rows = VocabRows(manifest.path / "vocab.bin", manifest.token_order(),
+                     GGMLQuantizationType[v["qtype"]], manifest.layout.d_model,
+                     hot_rows=100, cache_rows=8)
+    raw = np.asarray(smollm2_file.tensor("token_embd.weight").raw)
+    order = manifest.token_order()
+    hot, cold = order[:5], order[[5000, 7, 40000, 123, 30000]]
+    ids = np.concatenate([hot, cold, cold[:2]])  # cold[:2] twice in one call
+    got = rows.raw(ids)
+    assert np.array_equal(got, raw[ids])
+    assert rows.reader.bytes_read > 100 * rows.row_bytes  # the hot rows, then 5 cold ones
+    assert np.allclose(rows.rows(ids), dequantize(raw[ids], GGMLQuantizationType.Q8_0))
+    n_reads = rows.reader.read_calls
+    rows.raw(cold)  # all pooled now
+    assert rows.reader.read_calls == n_reads
+    rows.raw(order[1000:1008])  # 8 new rows evict the 5 pooled ones (LRU, capacity 8)
+    rows.raw(cold[:1])
+    assert rows.reader.read_calls > n_reads + 1
+    rows.close()
+
+
+@pytest.fixture(scope="module")
+def two_models(flash_dir):
+    """The same flash model (whole FFN resident, nothing skipped) with the resident head and
+    with the vocabulary on flash."""
+    kw = dict(ffn_share=1.0, skip_fraction=0.0, threads=2)
+    return (fl.load(flash_dir, vocab_on_flash=False, **kw),
+            fl.load(flash_dir, vocab_on_flash=True, **kw))
+
+
+def test_two_stage_head_is_exact_on_candidates(two_models, smollm2_file):
+    from conftest import topics_text
+
+    _, m = two_models
+    ids = m.tokenize(topics_text()[:2000])[:96]
+    h = m.hidden_states(ids)
+    table = smollm2_file.dense("token_embd.weight")
+    full = h @ table.T  # the exact head
+    two = m._vocab_head(h)
+    for t in range(len(h)):
+        cand = m._vocab_head.candidates(m._vocab_head.preview(h[t : t + 1])[0])
+        assert np.allclose(two[t, cand], full[t, cand], atol=1e-3)
+        assert two[t].max() == two[t, cand].max()  # the capped tail never wins
+    assert (two.argmax(1) == full.argmax(1)).mean() >= 0.98
+    exact = m.logits(ids)  # m.logits streams the whole head: exact everywhere
+    assert np.allclose(exact, full, atol=2e-3)
+
+
+def test_vocab_on_flash_generates_exact_head_greedy(two_models, smollm2_file):
+    """Greedy decoding with the two-stage head picks the exact head's best token at every step
+    (a near tie may flip: decode-path and prompt-path kernels differ by ~0.1 in ORT)."""
+    resident, flash = two_models
+    prompt = flash.tokenize("The history of the Python programming language")
+    out = list(flash.stream(prompt, max_tokens=24, temperature=0))
+    gen = [c.token for c in out if c.token is not None]
+    h = flash.hidden_states(prompt + gen)[len(prompt) - 1 : -1]  # the state before each token
+    exact = h @ smollm2_file.dense("token_embd.weight").T
+    best = exact.max(1)
+    chosen = exact[np.arange(len(gen)), gen]
+    assert (best - chosen < 0.15).all(), best - chosen
+    s = flash.stats
+    assert s["vocab_bytes_read"] > 0 and 0 <= s["vocab_rows_cache_hit_rate"] <= 1
+    assert 0 < s["head_time_share"] < 1
+    assert flash.resident_bytes < resident.resident_bytes  # preview instead of the Q8_0 head
+
+
+def test_planner_puts_vocabulary_on_flash_only_when_needed(flash_dir):
+    """Budgets from benchmarks/results/budget_smollm2-135m.json: 160 MB only fits with the
+    vocabulary on flash, 200 MB fits the resident head; both stay within the budget."""
+    tight = fl.load(flash_dir, memory_budget="160MB", threads=2)
+    assert tight._vocab_head is not None
+    # the pools' slot maps and scratch are not in the plan: within 1%
+    assert tight.held_bytes + tight.plan.kv_reserve_bytes <= 1.01 * tight.memory_budget
+    roomy = fl.load(flash_dir, memory_budget="200MB", threads=2)
+    assert roomy._vocab_head is None
+    with pytest.raises(fl.BudgetError, match="minimum is"):
+        fl.load(flash_dir, memory_budget="120MB", threads=2)
