@@ -357,10 +357,17 @@ class StandardKVCache(KVCache):
     def attend(self, q, q_pos, scale, window, backend):
         # The store is one contiguous (S, Hkv, D) block: the backend's kernel reads it directly
         # (ORT's decode graph casts float16 vectorized; numpy would go element by element).
+        # A chunk of queries: converted a block at a time, BLAS on one thread
+        # (kernels/prefill_attention says why).
         keys, values, k_pos = self.fetch()
         if window is not None and len(k_pos) and q_pos[0] - k_pos[0] >= window:
             first = int(q_pos[0] - window + 1 - k_pos[0])  # older than every query's window
             keys, values, k_pos = keys[first:], values[first:], k_pos[first:]
+        if len(q_pos) > 1:
+            from ..kernels.prefill_attention import float_blocks, prefill_attention
+
+            blocks = float_blocks(keys, values, int(k_pos[0]))
+            return prefill_attention(q, q_pos, blocks, scale, window)
         return backend.attention(q, keys, values, q_pos, k_pos, scale, window)
 
     @property

@@ -233,7 +233,23 @@ class QuantizedKVCache(KVCache):
         if (len(q_pos) == 1 and self.n_q and self.n_r
                 and (window is None or q_pos[0] - self.first_position < window)):
             return backend.quantized_decode_attention(q, self.view(), scale)
-        return super().attend(q, q_pos, scale, window, backend)
+        # a chunk of queries (or a decode step with a window cut): dequantized a block at a
+        # time, in position order - sinks, quantized store, residual
+        from ..kernels.prefill_attention import code_blocks, float_blocks, prefill_attention
+
+        def blocks():
+            pos = self.first_position
+            if len(self._sink_k):
+                sk, sv = self._shown_sinks()
+                yield from float_blocks(sk, sv, pos)
+                pos += len(sk)
+            if self.n_q:
+                yield from code_blocks(self.view(), pos)
+            if self.n_r:
+                yield from float_blocks(self._rk[: self.n_r], self._rv[: self.n_r],
+                                        pos + self.n_q)
+
+        return prefill_attention(q, q_pos, blocks(), scale, window)
 
     @property
     def nbytes(self) -> int:
