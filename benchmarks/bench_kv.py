@@ -263,6 +263,37 @@ def turn5_ttft(m, history, keep: int | None) -> tuple[float, int, int]:
     return m.stats["ttft_s"], m.stats["prefill_tokens"], m.stats["prompt_tokens_reused"]
 
 
+def llama_turn5(prompts: dict, keep: dict, path, threads: int, repeat: int) -> dict:
+    """The same turn-5 prompts in llama.cpp (float16 KV cache): time to evaluate the new
+    tokens after the history, alternated like ours - what the attention over a longer
+    history costs in a mature runtime, for reference."""
+    from llama_cpp import Llama
+
+    llms = {}
+    for label, ids in prompts.items():
+        llm = Llama(str(path), n_ctx=4096, n_batch=512, n_threads=threads, verbose=False)
+        llm.eval(ids[: keep[label]])
+        llms[label] = llm
+    times = {label: [] for label in prompts}
+    for _ in range(repeat):
+        for label, ids in prompts.items():
+            llm = llms[label]
+            llm.n_tokens = keep[label]  # drop turn 5's tokens: eval() trims the cache there
+            t0 = time.perf_counter()
+            llm.eval(ids[keep[label] :])
+            times[label].append(time.perf_counter() - t0)
+    rows = {f"{label}/llama.cpp": {"history_tokens_turn5": keep[label],
+                                   "turn5_prefill_tokens": len(prompts[label]) - keep[label],
+                                   "ttft_turn5_all_s": times[label],
+                                   "ttft_turn5_min_s": min(times[label]),
+                                   "ttft_turn5_median_s": statistics.median(times[label])}
+            for label in prompts}
+    for stat in ("min", "median"):
+        rows[f"ratio_{stat}/llama.cpp"] = (rows["long/llama.cpp"][f"ttft_turn5_{stat}_s"]
+                                           / rows["short/llama.cpp"][f"ttft_turn5_{stat}_s"])
+    return rows
+
+
 def cmd_chat(args):
     """Turn 5's time to first token with a short and a long system prompt, both chats held
     in one process and their turn-5 attempts alternated (short, long, short, ...) so that
@@ -280,6 +311,10 @@ def cmd_chat(args):
             for label, (m, history, _) in chats.items():
                 t, prefilled[label], keep[label] = turn5_ttft(m, history, keep[label])
                 times[label].append(t)
+        if args.llama and "ratio_min/llama.cpp" not in rows:  # once, with the first kind
+            rows.update(llama_turn5({label: list(m._cached_ids) for label, (m, _, _) in
+                                     chats.items()}, keep, chats["short"][0].path,
+                                    args.threads, args.repeat))
         for label, (m, _, turns) in chats.items():
             rows[f"{label}/{kind}"] = {
                 "history_tokens_turn5": keep[label], "turn5_prefill_tokens": prefilled[label],
@@ -310,6 +345,8 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--kinds", nargs="+", default=list(KINDS))
+    p.add_argument("--no-llama", dest="llama", action="store_false",
+                   help="chat: skip the llama.cpp reference")
     args = p.parse_args()
     defaults = {"ppl": ("gemma3-270m", 8192), "passkey": ("gemma3-270m", None)}
     model, tokens = defaults.get(args.what, ("smollm2-135m", 4096))
