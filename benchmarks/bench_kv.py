@@ -3,11 +3,12 @@ reuse, f16 vs q8 vs q4, compared within one run.
 
     python benchmarks/bench_kv.py memory   [--model smollm2-135m] [--tokens 4096]
     python benchmarks/bench_kv.py speed    [--model smollm2-135m] [--tokens 4096] [--rounds 5]
-    python benchmarks/bench_kv.py ppl      [--model gemma3-270m]  [--tokens 8192]
-    python benchmarks/bench_kv.py passkey  [--lengths 4096 8192] [--trials 10]
-    python benchmarks/bench_kv.py chat     [--model smollm2-135m]
+    python benchmarks/bench_kv.py ppl      [--model gemma3-270m]  [--tokens 8192] [--kinds f16]
+    python benchmarks/bench_kv.py passkey  [--lengths 4096 8192] [--trials 10] [--kinds q4]
+    python benchmarks/bench_kv.py chat     [--model smollm2-135m] [--repeat 5] [--no-llama]
 
-Each writes benchmarks/results/kv_<what>_<model>.json.
+Each writes benchmarks/results/kv_<what>_<model>.json (ppl and passkey: one file per set of
+kinds, so kinds may run in separate processes; a kind "q4/64" is q4 with 64-token key groups).
 """
 
 from __future__ import annotations
