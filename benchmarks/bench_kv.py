@@ -3,11 +3,12 @@ reuse, f16 vs q8 vs q4, compared within one run.
 
     python benchmarks/bench_kv.py memory   [--model smollm2-135m] [--tokens 4096]
     python benchmarks/bench_kv.py speed    [--model smollm2-135m] [--tokens 4096] [--rounds 5]
-    python benchmarks/bench_kv.py ppl      [--model gemma3-270m]  [--tokens 8192]
-    python benchmarks/bench_kv.py passkey  [--lengths 4096 8192] [--trials 10]
-    python benchmarks/bench_kv.py chat     [--model smollm2-135m]
+    python benchmarks/bench_kv.py ppl      [--model gemma3-270m]  [--tokens 8192] [--kinds f16]
+    python benchmarks/bench_kv.py passkey  [--lengths 4096 8192] [--trials 10] [--kinds q4]
+    python benchmarks/bench_kv.py chat     [--model smollm2-135m] [--repeat 5] [--no-llama]
 
-Each writes benchmarks/results/kv_<what>_<model>.json.
+Each writes benchmarks/results/kv_<what>_<model>.json (ppl and passkey: one file per set of
+kinds, so kinds may run in separate processes; a kind "q4/64" is q4 with 64-token key groups).
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ def write(name: str, args, result: dict) -> None:
     result = {"machine": platform.machine(), "python": platform.python_version(),
               "args": vars(args), **result}
     path = RESULTS / f"kv_{name}_{args.model}.json"
-    path.write_text(json.dumps(result, indent=1))
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(path)  # a run cut mid-write leaves the previous file whole
     print(json.dumps(result, indent=1))
     print(f"wrote {path}")
 
@@ -145,23 +148,32 @@ def chunked_nll(m, ids, chunk: int) -> np.ndarray:
     return np.concatenate(nll)
 
 
+def kind_spec(kind: str):
+    """"f16" | "q8" | "q4", or "q4/64": q4 with key groups of 64 tokens (a layout to compare)."""
+    from flashinfer_lite.cache.kv import KVSpec
+
+    name, _, group = kind.partition("/")
+    return KVSpec(name, key_group=int(group)) if group else KVSpec(name)
+
+
 def cmd_ppl(args):
     import flashinfer_lite as fl
-    from flashinfer_lite.cache.kv import KVSpec
 
     m = fl.load(args.model, threads=args.threads)
     ids = m.tokenize(topics_text())[: args.tokens]
     rows = {}
-    for kind in KINDS:
-        m.kv_spec = KVSpec(kind)
+    for kind in args.kinds:
+        m.kv_spec = kind_spec(kind)
         t0 = time.perf_counter()
         nll = chunked_nll(m, ids, 256)
         rows[kind] = {"ppl": float(np.exp(nll.mean())),
                       "ppl_last_half": float(np.exp(nll[len(nll) // 2 :].mean())),
-                      "seconds": time.perf_counter() - t0, "kv_bytes": m.kv_bytes}
-    for r in rows.values():
-        r["vs_f16"] = r["ppl"] / rows["f16"]["ppl"] - 1
-    write("ppl", args, {"scored_tokens": len(ids) - 1, "rows": rows})
+                      "seconds": time.perf_counter() - t0, "kv_bytes": m.kv_bytes,
+                      "nll_sum": float(nll.sum()), "scored": len(nll)}
+        print(kind, rows[kind], flush=True)
+    # kinds may run in separate processes (--kinds f16, --kinds q8, ...): one file each
+    write("ppl_" + "_".join(k.replace("/", "g") for k in args.kinds), args,
+          {"scored_tokens": len(ids) - 1, "rows": rows})
 
 
 # ---- pass-key retrieval (Gemma 3 270M) ----------------------------------------------------------
@@ -185,72 +197,137 @@ def passkey_prompt(m, n_tokens: int, key: int, depth: float) -> list[int]:
 
 def cmd_passkey(args):
     import flashinfer_lite as fl
-    from flashinfer_lite.cache.kv import KVSpec
 
     m = fl.load(args.model, threads=args.threads)
     rng = random.Random(args.seed)
     rows = {}
+    name = "passkey_" + "_".join(map(str, args.lengths)) + "_" + "_".join(
+        k.replace("/", "g") for k in args.kinds)
     for n in args.lengths:
         # deepest needle first: each next prompt shares the filler before its (shallower)
         # needle with the previous one, so prefix reuse (trim) skips re-prefilling it
         trials = sorted(((rng.randint(10000, 99999), rng.uniform(0.1, 0.9))
                          for _ in range(args.trials)), key=lambda t: -t[1])
-        for kind in KINDS:
-            m.kv_spec = KVSpec(kind)
+        for kind in args.kinds:
+            m.kv_spec = kind_spec(kind)
             m.reset()
-            ok, answers = 0, []
+            row = rows[f"{n}/{kind}"] = {"kind": kind, "correct": 0, "trials": 0,
+                                         "answers": [], "keys": [], "depths": [],
+                                         "tokens": []}
             t0 = time.perf_counter()
             for key, depth in trials:
                 ids = passkey_prompt(m, n, key, depth)
                 out = m.generate(ids, max_tokens=7)
-                answers.append(out)
-                ok += str(key) in out.replace(" ", "")
-            rows[f"{n}/{kind}"] = {"tokens": len(ids), "kind": kind, "correct": ok,
-                                   "trials": len(trials), "answers": answers,
-                                   "keys": [k for k, _ in trials],
-                                   "seconds": time.perf_counter() - t0}
-            print(n, kind, ok, "/", len(trials), flush=True)
-            write("passkey", args, {"rows": rows})  # after each kind: a long run may be cut
+                row["correct"] += str(key) in out.replace(" ", "")
+                row["trials"] += 1
+                row["answers"].append(out)
+                row["keys"].append(key)
+                row["depths"].append(round(depth, 3))
+                row["tokens"].append(len(ids))
+                row["seconds"] = time.perf_counter() - t0
+                # after each trial: a long run may be cut; one file per lengths and kinds
+                write(name, args, {"rows": rows})
+            print(n, kind, row["correct"], "/", row["trials"], flush=True)
 
 
 # ---- chat: time to first token of turn 5, short vs long history ---------------------------------
-def cmd_chat(args):
+QUESTIONS = ["What is a list in Python?", "And a tuple?", "How do I sort a list?",
+             "What does len do?", "How do I reverse a string?"]
+
+
+def chat_until_turn5(model: str, kind: str, threads: int, system: str):
+    """A model that has answered turns 1-4 (prefix reuse on every turn) and the history
+    with turn 5's question; returns (model, history, per-turn stats)."""
     import flashinfer_lite as fl
 
-    m = fl.load(args.model, threads=args.threads)
-    questions = ["What is a list in Python?", "And a tuple?", "How do I sort a list?",
-                 "What does len do?", "How do I reverse a string?"]
+    m = fl.load(model, threads=threads, kv_cache=kind)
+    history = [{"role": "system", "content": system}]
+    turns = []
+    for q in QUESTIONS[:-1]:
+        history.append({"role": "user", "content": q})
+        reply = "".join(c.text for c in m.stream_chat(history, max_tokens=24))
+        turns.append({k: m.stats[k] for k in ("ttft_s", "prefill_tokens", "prompt_tokens")})
+        history.append({"role": "assistant", "content": reply})
+    history.append({"role": "user", "content": QUESTIONS[-1]})
+    return m, history, turns
+
+
+def turn5_ttft(m, history, keep: int | None) -> tuple[float, int, int]:
+    """Ask turn 5 once (after trimming the cache back to `keep` positions, when given: the
+    cache as it was before turn 5's new tokens); (ttft_s, prefill tokens, history tokens)."""
+    if keep is not None:
+        for c in m._caches:
+            c.trim(c.offset - keep)
+        del m._cached_ids[keep:]
+    for _ in m.stream_chat(history, max_tokens=1):
+        pass
+    return m.stats["ttft_s"], m.stats["prefill_tokens"], m.stats["prompt_tokens_reused"]
+
+
+def llama_turn5(prompts: dict, keep: dict, path, threads: int, repeat: int) -> dict:
+    """The same turn-5 prompts in llama.cpp (float16 KV cache): time to evaluate the new
+    tokens after the history, alternated like ours - what the attention over a longer
+    history costs in a mature runtime, for reference."""
+    from llama_cpp import Llama
+
+    llms = {}
+    for label, ids in prompts.items():
+        llm = Llama(str(path), n_ctx=4096, n_batch=512, n_threads=threads, verbose=False)
+        llm.eval(ids[: keep[label]])
+        llms[label] = llm
+    times = {label: [] for label in prompts}
+    for _ in range(repeat):
+        for label, ids in prompts.items():
+            llm = llms[label]
+            llm.n_tokens = keep[label]  # drop turn 5's tokens: eval() trims the cache there
+            t0 = time.perf_counter()
+            llm.eval(ids[keep[label] :])
+            times[label].append(time.perf_counter() - t0)
+    rows = {f"{label}/llama.cpp": {"history_tokens_turn5": keep[label],
+                                   "turn5_prefill_tokens": len(prompts[label]) - keep[label],
+                                   "ttft_turn5_all_s": times[label],
+                                   "ttft_turn5_min_s": min(times[label]),
+                                   "ttft_turn5_median_s": statistics.median(times[label])}
+            for label in prompts}
+    for stat in ("min", "median"):
+        rows[f"ratio_{stat}/llama.cpp"] = (rows["long/llama.cpp"][f"ttft_turn5_{stat}_s"]
+                                           / rows["short/llama.cpp"][f"ttft_turn5_{stat}_s"])
+    return rows
+
+
+def cmd_chat(args):
+    """Turn 5's time to first token with a short and a long system prompt, both chats held
+    in one process and their turn-5 attempts alternated (short, long, short, ...) so that
+    the shared machine's load hits both alike; medians and minimums of `repeat` each."""
     doc = topics_text()
     rows = {}
     for kind in args.kinds:
-        for label, chars in (("short", 200), ("long", 8000)):
-            m = fl.load(args.model, threads=args.threads, kv_cache=kind)
-            history = [{"role": "system", "content": "Reference:\n" + doc[:chars]}]
-            ttfts, prefilled, turn5 = [], [], []
-            for i, q in enumerate(questions):
-                history.append({"role": "user", "content": q})
-                # turn 5 is asked `repeat` times (each one trims the previous reply and
-                # prefills the same new tokens): the minimum resists this shared machine's
-                # load spikes
-                for r in range(args.repeat if i == len(questions) - 1 else 1):
-                    if r:  # back to the cache as it was before turn 5's new tokens
-                        keep = m.stats["prompt_tokens_reused"]
-                        for c in m._caches:
-                            c.trim(c.offset - keep)
-                        del m._cached_ids[keep:]
-                    reply = "".join(c.text for c in m.stream_chat(history, max_tokens=24))
-                    if i == len(questions) - 1:
-                        turn5.append(m.stats["ttft_s"])
-                ttfts.append(m.stats["ttft_s"])
-                prefilled.append(m.stats["prefill_tokens"])
-                history.append({"role": "assistant", "content": reply})
-            rows[f"{label}/{kind}"] = {"history_tokens_turn5": m.stats["prompt_tokens"],
-                                       "ttft_s": ttfts, "prefill_tokens": prefilled,
-                                       "ttft_turn5_s": min(turn5), "ttft_turn5_all_s": turn5}
-            print(label, kind, rows[f"{label}/{kind}"], flush=True)
-    for kind in args.kinds:
-        rows[f"ratio/{kind}"] = (rows[f"long/{kind}"]["ttft_turn5_s"]
-                                 / rows[f"short/{kind}"]["ttft_turn5_s"])
+        chats = {label: chat_until_turn5(args.model, kind, args.threads,
+                                         "Reference:\n" + doc[:chars])
+                 for label, chars in (("short", 200), ("long", 8000))}
+        keep = {label: None for label in chats}
+        times = {label: [] for label in chats}
+        prefilled = {}
+        for _ in range(args.repeat):
+            for label, (m, history, _) in chats.items():
+                t, prefilled[label], keep[label] = turn5_ttft(m, history, keep[label])
+                times[label].append(t)
+        if args.llama and "ratio_min/llama.cpp" not in rows:  # once, with the first kind
+            rows.update(llama_turn5({label: list(m._cached_ids) for label, (m, _, _) in
+                                     chats.items()}, keep, chats["short"][0].path,
+                                    args.threads, args.repeat))
+        for label, (m, _, turns) in chats.items():
+            rows[f"{label}/{kind}"] = {
+                "history_tokens_turn5": keep[label], "turn5_prefill_tokens": prefilled[label],
+                "turns_1_4": turns, "ttft_turn5_all_s": times[label],
+                "ttft_turn5_min_s": min(times[label]),
+                "ttft_turn5_median_s": statistics.median(times[label])}
+            m.close()
+        for stat in ("min", "median"):
+            rows[f"ratio_{stat}/{kind}"] = (rows[f"long/{kind}"][f"ttft_turn5_{stat}_s"]
+                                            / rows[f"short/{kind}"][f"ttft_turn5_{stat}_s"])
+        print(kind, {k: v for k, v in rows.items() if k.endswith(kind) and "ratio" in k},
+              flush=True)
     write("chat", args, {"rows": rows})
 
 
@@ -269,6 +346,8 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--kinds", nargs="+", default=list(KINDS))
+    p.add_argument("--no-llama", dest="llama", action="store_false",
+                   help="chat: skip the llama.cpp reference")
     args = p.parse_args()
     defaults = {"ppl": ("gemma3-270m", 8192), "passkey": ("gemma3-270m", None)}
     model, tokens = defaults.get(args.what, ("smollm2-135m", 4096))

@@ -72,8 +72,10 @@ def test_residual_flushes_a_group_at_a_time(bits):
         assert c.n_q % GROUP == 0 and c.n_q + c.n_r == c.offset == t + 1
         assert 128 - GROUP < c.n_r <= 128 or c.offset <= 128
         seen.append((c.n_q, c.n_r))
-    assert seen[127] == (0, 128) and seen[128] == (64, 65) and seen[191] == (64, 128)
-    assert seen[192] == (128, 65)
+    # key groups of 128 tokens: a full residual flushes one whole group
+    assert GROUP == 128
+    assert seen[127] == (0, 128) and seen[128] == (128, 1) and seen[255] == (128, 128)
+    assert seen[256] == (256, 1)
     keys, values, pos = c.fetch()
     assert np.array_equal(pos, np.arange(400))
     # the residual positions are float16 copies; older ones within the quantization error
@@ -173,18 +175,62 @@ def test_quantized_decode_kernel_matches_float_attention(bits, hkv, g, d):
     np.testing.assert_allclose(fused, ref, atol=2e-4)
 
 
-def test_blockwise_prefill_attention_matches_dense():
-    c = QuantizedKVCache(2, 64, bits=8)
+PREFILL_CACHES = {
+    "f16": lambda **b: StandardKVCache(2, 64, **b),
+    "f32": lambda **b: StandardKVCache(2, 64, np.float32, **b),
+    "q8": lambda **b: QuantizedKVCache(2, 64, bits=8, **b),
+    "q4": lambda **b: QuantizedKVCache(2, 64, bits=4, **b),
+}
+
+
+@pytest.mark.parametrize("kind", list(PREFILL_CACHES))
+@pytest.mark.parametrize("bounded", [False, True])
+def test_prefill_attention_matches_dense(kind, bounded):
+    """A chunk of queries over the cache as stored (kernels/prefill_attention: converted a
+    block at a time, online softmax) equals dense attention over what the cache holds."""
+    bounds = dict(window=700, sinks=4, rope_shift=lambda k, delta: k * 0.5) if bounded else {}
+    c = PREFILL_CACHES[kind](**bounds)
     k, v = kv_data(2300)
-    c.update(k[:2000], v[:2000])
-    q = RNG.standard_normal((300, 6, 64)).astype(np.float32)
+    for a in range(0, 2000, 256):
+        c.update(k[a : min(a + 256, 2000)], v[a : min(a + 256, 2000)])
     c.update(k[2000:], v[2000:])
-    keys, values, pos = c.fetch()
-    qp = np.arange(2000, 2300)
-    for window in (None, 700):
+    q = RNG.standard_normal((300, 6, 64)).astype(np.float32)
+    keys, values, pos = c.fetch()  # what the cache holds, dequantized, with positions
+    assert pos[-1] == c.offset - 1 and len(pos) == c.held
+    qp = np.arange(c.offset - 300, c.offset)
+    for window in (None, 500):
         ref = attention(q, keys, values, qp, pos, 0.125, window)
         np.testing.assert_allclose(c.attend(q, qp, 0.125, window, NumpyBackend()), ref,
-                                   atol=1e-4)
+                                   atol=2e-5)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_prefill_dequantizer_matches_numpy(bits):
+    from flashinfer_lite.kernels.prefill_attention import code_blocks
+
+    c = QuantizedKVCache(3, 64, bits=bits)
+    k, v = kv_data(1500, hkv=3)
+    c.update(k, v)
+    blocks = list(code_blocks(c.view(), 10))
+    kd, vd = c._dequantize(0, c.n_q)  # (N, Hkv, D)
+    assert np.array_equal(np.concatenate([b.keys for b in blocks], 1), kd.transpose(1, 0, 2))
+    assert np.array_equal(np.concatenate([b.values for b in blocks], 1), vd.transpose(1, 0, 2))
+    assert np.array_equal(np.concatenate([b.positions for b in blocks]), 10 + np.arange(c.n_q))
+
+
+def test_quantized_bytes_per_token_goals():
+    """Storage at 4096 positions (SmolLM2's KV heads): q8 <= 55% of float16, q4 <= 30%
+    (key groups of 128 tokens, value groups of 64 channels, 128-position residual)."""
+    k, v = kv_data(4096, hkv=3)
+    held = {}
+    for name, c in (("f16", StandardKVCache(3, 64)), ("q8", QuantizedKVCache(3, 64, bits=8)),
+                    ("q4", QuantizedKVCache(3, 64, bits=4))):
+        for a in range(0, 4096, 256):
+            c.update(k[a : a + 256], v[a : a + 256])
+        assert c.bytes_at(4096) == c.nbytes
+        held[name] = c.nbytes
+    assert held["f16"] == 4096 * 2 * 3 * 64 * 2
+    assert held["q8"] / held["f16"] <= 0.55 and held["q4"] / held["f16"] <= 0.30, held
 
 
 # ---- on the real models ------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import numpy as np
 from ..errors import InvalidArgumentError
 
 KV_KINDS = ("f16", "f32", "q8", "q4")
-EVICT_STEP = 64  # a bounded cache drops positions in whole groups of this many (= q8/q4 group)
+EVICT_STEP = 128  # a bounded cache drops positions in whole groups of this many (= key group)
 WINDOW_SLACK = 128  # extra positions a sliding-window cache keeps, so small trims stay exact
 
 # (k (n, Hkv, D) float32, delta) -> k rotated by delta more positions (RoPE composes additively)
@@ -44,6 +44,7 @@ class KVSpec:
     window: int | None = None  # bounded cache: recent positions kept (None = unbounded)
     sinks: int = 4  # bounded cache: first positions always kept (attention sinks)
     residual: int = 128  # q8/q4: most recent positions kept in full precision
+    key_group: int = EVICT_STEP  # q8/q4: tokens per key group (a divisor of EVICT_STEP)
 
     def __post_init__(self):
         if self.kind not in KV_KINDS:
@@ -57,6 +58,10 @@ class KVSpec:
             raise InvalidArgumentError(
                 f"kv_residual must be an integer >= {EVICT_STEP} (one quantization group); "
                 f"got {self.residual!r}")
+        if not isinstance(self.key_group, int) or self.key_group < 1 or (
+                EVICT_STEP % self.key_group):
+            raise InvalidArgumentError(
+                f"kv key_group must divide {EVICT_STEP}; got {self.key_group!r}")
         if self.window is not None and self.quantized and self.window < self.residual:
             raise InvalidArgumentError(
                 f"kv_window ({self.window}) must be at least kv_residual ({self.residual}) "
@@ -357,10 +362,17 @@ class StandardKVCache(KVCache):
     def attend(self, q, q_pos, scale, window, backend):
         # The store is one contiguous (S, Hkv, D) block: the backend's kernel reads it directly
         # (ORT's decode graph casts float16 vectorized; numpy would go element by element).
+        # A chunk of queries: converted a block at a time, BLAS on one thread
+        # (kernels/prefill_attention says why).
         keys, values, k_pos = self.fetch()
         if window is not None and len(k_pos) and q_pos[0] - k_pos[0] >= window:
             first = int(q_pos[0] - window + 1 - k_pos[0])  # older than every query's window
             keys, values, k_pos = keys[first:], values[first:], k_pos[first:]
+        if len(q_pos) > 1:
+            from ..kernels.prefill_attention import float_blocks, prefill_attention
+
+            blocks = float_blocks(keys, values, int(k_pos[0]))
+            return prefill_attention(q, q_pos, blocks, scale, window)
         return backend.attention(q, keys, values, q_pos, k_pos, scale, window)
 
     @property
@@ -405,7 +417,7 @@ def make_kv_cache(spec: KVSpec, n_kv_heads: int, head_dim: int,
         from .quantized import QuantizedKVCache
 
         return QuantizedKVCache(n_kv_heads, head_dim, bits=int(spec.kind[1:]),
-                                residual=spec.residual, **bounds)
+                                residual=spec.residual, group=spec.key_group, **bounds)
     return StandardKVCache(n_kv_heads, head_dim, KV_DTYPES[spec.kind], **bounds)
 
 

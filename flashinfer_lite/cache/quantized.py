@@ -1,12 +1,13 @@
 """KIVI-style quantized KV caches (kv_cache="q8" / "q4").
 
 Keys are quantized per channel over groups of GROUP tokens (keys have outlier channels, so a
-channel's range is what varies), values per token over groups of GROUP channels; each group keeps
+channel's range is what varies), values per token over groups of VALUE_GROUP channels; each keeps
 an asymmetric float16 scale and minimum. The most recent `residual` positions stay in float16 and
 are flushed into the quantized store a whole group at a time. q4 packs two channels per byte:
 channel i in the low nibble, channel i + D/2 in the high one, so unpacking is a concatenation.
 
-Bytes per element, keys / values: q8 1 + 4/64 each, q4 0.5 + 4/64 each, vs 2 for float16.
+Bytes per element, keys / values: q8 1 + 4/128 / 1 + 4/64, q4 0.5 + 4/128 / 0.5 + 4/64, vs 2
+for float16.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import numpy as np
 
 from .kv import EVICT_STEP, KVCache
 
-GROUP = EVICT_STEP  # tokens per key group; channels per value group (capped at head_dim)
+GROUP = EVICT_STEP  # tokens per key group (the default; a cache may use any divisor of STEP)
+VALUE_GROUP = 64  # channels per value group (capped at head_dim)
 BLOCK = 1024  # positions dequantized at a time by attention (a multiple of GROUP)
 STEP = 128  # the quantized store grows by this many positions (a multiple of GROUP)
 
@@ -91,14 +93,17 @@ class QuantizedKVCache(KVCache):
     position-major (N, Hkv, ...) so the used part of every array is one contiguous block."""
 
     def __init__(self, n_kv_heads: int, head_dim: int, bits: int = 8, residual: int = 128,
-                 **bounds):
+                 group: int | None = None, **bounds):
         super().__init__(n_kv_heads, head_dim, **bounds)
         if bits not in (4, 8):
             raise ValueError(f"bits must be 4 or 8; got {bits!r}")
-        if residual < GROUP:
-            raise ValueError(f"residual must be >= {GROUP}; got {residual!r}")
+        self.group = group or GROUP
+        if STEP % self.group or EVICT_STEP % self.group:
+            raise ValueError(f"group must divide {STEP} and {EVICT_STEP}; got {self.group!r}")
+        if residual < self.group:
+            raise ValueError(f"residual must be >= {self.group}; got {residual!r}")
         self.bits, self.residual = bits, residual
-        self.vgroup = min(GROUP, head_dim)
+        self.vgroup = min(VALUE_GROUP, head_dim)
         self.width = head_dim if bits == 8 else head_dim // 2  # bytes per position per head
         self.n_q = 0  # positions in the quantized store
         self.n_r = 0  # positions in the residual
@@ -114,8 +119,8 @@ class QuantizedKVCache(KVCache):
         cap = -(-cap // STEP) * STEP
         h, d = self.n_kv_heads, self.head_dim
         shapes = {"_kq": ((cap, h, self.width), np.uint8),
-                  "_ks": ((cap // GROUP, h, d), np.float16),
-                  "_km": ((cap // GROUP, h, d), np.float16),
+                  "_ks": ((cap // self.group, h, d), np.float16),
+                  "_km": ((cap // self.group, h, d), np.float16),
                   "_vq": ((cap, h, self.width), np.uint8),
                   "_vs": ((cap, h, d // self.vgroup), np.float16),
                   "_vm": ((cap, h, d // self.vgroup), np.float16)}
@@ -123,37 +128,38 @@ class QuantizedKVCache(KVCache):
             new = np.zeros(shape, dtype)
             cur = getattr(self, name)
             if cur is not None:
-                n = self.n_q // GROUP if name in ("_ks", "_km") else self.n_q
+                n = self.n_q // self.group if name in ("_ks", "_km") else self.n_q
                 new[:n] = cur[:n]
             setattr(self, name, new)
 
     def _quantize_into(self, k: np.ndarray, v: np.ndarray) -> None:
-        """Append k, v (n, Hkv, D) float32, n a multiple of GROUP, to the quantized store."""
+        """Append k, v (n, Hkv, D) float32, n a multiple of self.group, to the quantized store."""
         n, h, d = k.shape
         a = self.n_q
         self._alloc(a + n)
-        kq, ks, km = quantize(k.reshape(n // GROUP, GROUP, h, d), self.bits, axis=1)
+        kq, ks, km = quantize(k.reshape(n // self.group, self.group, h, d), self.bits, axis=1)
         vq, vs, vm = quantize(v.reshape(n, h, d // self.vgroup, self.vgroup), self.bits, axis=3)
         kq, vq = kq.reshape(n, h, d), vq.reshape(n, h, d)  # (n, Hkv, D)
         if self.bits == 4:
             kq, vq = pack4(kq), pack4(vq)
         self._kq[a : a + n], self._vq[a : a + n] = kq, vq
-        self._ks[a // GROUP : (a + n) // GROUP] = ks
-        self._km[a // GROUP : (a + n) // GROUP] = km
+        self._ks[a // self.group : (a + n) // self.group] = ks
+        self._km[a // self.group : (a + n) // self.group] = km
         self._vs[a : a + n], self._vm[a : a + n] = vs, vm
         self.n_q += n
 
     def _dequantize(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
-        """Quantized positions [a, b) (a a multiple of GROUP) -> (b-a, Hkv, D) float32."""
+        """Quantized positions [a, b) (a a multiple of self.group) -> (b-a, Hkv, D) float32."""
         h, d, n = self.n_kv_heads, self.head_dim, b - a
         kq, vq = self._kq[a:b], self._vq[a:b]
         if self.bits == 4:
             kq, vq = unpack4(kq), unpack4(vq)
-        ks, km = self._ks[a // GROUP : -(-b // GROUP)], self._km[a // GROUP : -(-b // GROUP)]
-        full = (n // GROUP) * GROUP
+        g = self.group
+        ks, km = self._ks[a // g : -(-b // g)], self._km[a // g : -(-b // g)]
+        full = (n // g) * g
         k = np.empty((n, h, d), np.float32)
-        k[:full] = dequantize(kq[:full].reshape(full // GROUP, GROUP, h, d),
-                              ks[: full // GROUP], km[: full // GROUP], axis=1).reshape(full, h, d)
+        k[:full] = dequantize(kq[:full].reshape(full // g, g, h, d),
+                              ks[: full // g], km[: full // g], axis=1).reshape(full, h, d)
         if full < n:  # a partial last group (only after a trim hands it back)
             k[full:] = dequantize(kq[full:], ks[-1], km[-1], axis=0)
         v = dequantize(vq.reshape(n, h, d // self.vgroup, self.vgroup), self._vs[a:b],
@@ -174,21 +180,21 @@ class QuantizedKVCache(KVCache):
         # store does not depend on how tokens were chunked (prefill vs one at a time).
         allk = np.concatenate([self._rk[: self.n_r], k.astype(np.float16)]).astype(np.float32)
         allv = np.concatenate([self._rv[: self.n_r], v.astype(np.float16)]).astype(np.float32)
-        flush = -(-(total - self.residual) // GROUP) * GROUP
+        flush = -(-(total - self.residual) // self.group) * self.group
         self._quantize_into(allk[:flush], allv[:flush])
         self.n_r = total - flush
         self._rk[: self.n_r], self._rv[: self.n_r] = allk[flush:], allv[flush:]
 
     def _drop_front(self, n):
         # bounded caches require window >= residual, so evicted positions are all quantized
-        assert n % GROUP == 0 and n <= self.n_q, (n, self.n_q)
+        assert n % self.group == 0 and n <= self.n_q, (n, self.n_q)
         m = self.n_q - n
         for name in ("_kq", "_vq", "_vs", "_vm"):
             arr = getattr(self, name)
             arr[:m] = arr[n : self.n_q]
         for name in ("_ks", "_km"):
             arr = getattr(self, name)
-            arr[: m // GROUP] = arr[n // GROUP : self.n_q // GROUP]
+            arr[: m // self.group] = arr[n // self.group : self.n_q // self.group]
         self.n_q = m
 
     def _drop_back(self, n):
@@ -196,7 +202,7 @@ class QuantizedKVCache(KVCache):
             self.n_r -= n
             return
         keep = self.n_q - (n - self.n_r)
-        full = (keep // GROUP) * GROUP
+        full = (keep // self.group) * self.group
         # the cut group's surviving positions go back to the residual, dequantized
         k, v = self._dequantize(full, keep) if keep > full else (None, None)
         self.n_q, self.n_r = full, 0
@@ -223,8 +229,9 @@ class QuantizedKVCache(KVCache):
             sk, sv = self._shown_sinks()
             full_k = np.concatenate([sk.astype(np.float16), full_k])
             full_v = np.concatenate([sv.astype(np.float16), full_v])
-        return QuantizedView(self.bits, GROUP, self.vgroup, self._kq[:n], self._ks[: n // GROUP],
-                             self._km[: n // GROUP], self._vq[:n], self._vs[:n], self._vm[:n],
+        g = self.group
+        return QuantizedView(self.bits, g, self.vgroup, self._kq[:n], self._ks[: n // g],
+                             self._km[: n // g], self._vq[:n], self._vs[:n], self._vm[:n],
                              full_k, full_v)
 
     def attend(self, q, q_pos, scale, window, backend):
@@ -233,7 +240,23 @@ class QuantizedKVCache(KVCache):
         if (len(q_pos) == 1 and self.n_q and self.n_r
                 and (window is None or q_pos[0] - self.first_position < window)):
             return backend.quantized_decode_attention(q, self.view(), scale)
-        return super().attend(q, q_pos, scale, window, backend)
+        # a chunk of queries (or a decode step with a window cut): dequantized a block at a
+        # time, in position order - sinks, quantized store, residual
+        from ..kernels.prefill_attention import code_blocks, float_blocks, prefill_attention
+
+        def blocks():
+            pos = self.first_position
+            if len(self._sink_k):
+                sk, sv = self._shown_sinks()
+                yield from float_blocks(sk, sv, pos)
+                pos += len(sk)
+            if self.n_q:
+                yield from code_blocks(self.view(), pos)
+            if self.n_r:
+                yield from float_blocks(self._rk[: self.n_r], self._rv[: self.n_r],
+                                        pos + self.n_q)
+
+        return prefill_attention(q, q_pos, blocks(), scale, window)
 
     @property
     def nbytes(self) -> int:
@@ -244,17 +267,17 @@ class QuantizedKVCache(KVCache):
         if n == 0:
             return 0
         h, d = self.n_kv_heads, self.head_dim
-        n_r = n if n <= self.residual else self.residual - (-(n - self.residual) % GROUP)
+        n_r = n if n <= self.residual else self.residual - (-(n - self.residual) % self.group)
         cap = -(-(n - n_r) // STEP) * STEP
         per_pos = 2 * h * self.width + 2 * 2 * h * (d // self.vgroup)  # k, v codes; v scales
-        return cap * per_pos + 2 * 2 * h * (cap // GROUP) * d + 2 * 2 * h * self.residual * d
+        return cap * per_pos + 2 * 2 * h * (cap // self.group) * d + 2 * 2 * h * self.residual * d
 
     def _storage_state(self):
         state = {"n_q": np.array(self.n_q), "n_r": np.array(self.n_r)}
         if self._rk is not None:
             state.update(rk=self._rk[: self.n_r], rv=self._rv[: self.n_r])
         if self._kq is not None:
-            n, g = self.n_q, self.n_q // GROUP
+            n, g = self.n_q, self.n_q // self.group
             state.update(kq=self._kq[:n], vq=self._vq[:n], vs=self._vs[:n], vm=self._vm[:n],
                          ks=self._ks[:g], km=self._km[:g])
         return state
@@ -266,7 +289,7 @@ class QuantizedKVCache(KVCache):
             self._alloc(n_q)
             self._kq[:n_q], self._vq[:n_q] = state["kq"], state["vq"]
             self._vs[:n_q], self._vm[:n_q] = state["vs"], state["vm"]
-            g = n_q // GROUP
+            g = n_q // self.group
             self._ks[:g], self._km[:g] = state["ks"], state["km"]
         if "rk" in state:
             shape = (self.residual, self.n_kv_heads, self.head_dim)
