@@ -210,8 +210,9 @@ class Model:
 
     def _kv_reserve_bytes(self, kv_cache: str, kv_tokens: int) -> int:
         c = self.config
-        # bytes per cached value: f16 2, q8 1 + scales, q4 0.5 + scales (cache/ modules)
-        per_value = {"f16": 2.0, "f32": 4.0, "q8": 1.125, "q4": 0.625}.get(kv_cache, 2.0)
+        # bytes per cached value: f16 2, q8 1 + scales, q4 0.5 + scales (cache/quantized.py:
+        # float16 scale + minimum per 128-token key group and per 64-channel value group)
+        per_value = {"f16": 2.0, "f32": 4.0, "q8": 1.047, "q4": 0.547}.get(kv_cache, 2.0)
         return int(2 * c.n_layers * c.n_kv_heads * c.head_dim * per_value
                    * min(kv_tokens, self.n_ctx))
 
