@@ -145,7 +145,9 @@ def test_chat_uses_the_gguf_template_and_reuses_history(smollm2):
     ids = smollm2.apply_chat_template([{"role": "user", "content": "Hi"}])
     text = smollm2.tokenizer.decode(ids, special=True)
     assert "<|im_start|>user\nHi<|im_end|>\n" in text and text.endswith("<|im_start|>assistant\n")
-    history = [{"role": "user", "content": "What is the capital of France?"}]
+    # "What is the capital of France?" is a near tie for SmolLM2's first token ('L' vs 'The',
+    # 0.08 apart): small rounding changes flip it. This wording has a 0.95 margin.
+    history = [{"role": "user", "content": "Name the capital city of France."}]
     reply = smollm2.chat(history, max_tokens=16)
     assert "Paris" in reply
     history += [{"role": "assistant", "content": reply},
@@ -183,7 +185,7 @@ def test_weights_stay_compact(name, request):
 def test_cli_chat_through_a_pipe():
     proc = subprocess.run(
         [CLI, "chat", "--temp", "0", "-n", "12"],
-        input="What is the capital of France?\n/stats\n/reset\nSay hi.\n/exit\n",
+        input="Name the capital city of France.\n/stats\n/reset\nSay hi.\n/exit\n",
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout
