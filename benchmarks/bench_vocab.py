@@ -60,6 +60,7 @@ def softmax(x):
 
 def fidelity(model: str, positions: int, encodings, block_rows: int = 256) -> dict:
     import flashinfer_lite as fl
+    from flashinfer_lite.vocab.head import combine
     from flashinfer_lite.vocab.preview import quantize_rows
 
     m = fl.load(model)
@@ -92,9 +93,7 @@ def fidelity(model: str, positions: int, encodings, block_rows: int = 256) -> di
             pf = softmax(full)
             for n in CANDIDATES:
                 cand = order[:, :n]
-                exact = np.take_along_axis(full, cand, 1)
-                hyb = np.minimum(prev, exact.min(1, keepdims=True))
-                np.put_along_axis(hyb, cand, exact, 1)
+                hyb = combine(prev, cand, np.take_along_axis(full, cand, 1))
                 a = acc[n]
                 a["in"].append((cand == top1[:, None]).any(1))
                 a["greedy"].append(hyb.argmax(1) == top1)

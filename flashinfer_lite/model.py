@@ -156,8 +156,8 @@ class Model:
         self._warm_segments()
         self._file.release_pages()
         release_freed_memory()
-        # What the resident part costs in RSS: ONNX Runtime holds ~2x the bytes it is given
-        # (packed copies, per-session state), llama.cpp's tokenizer ~25 MB for SmolLM2.
+        # What the resident part costs in RSS: weights as ONNX Runtime holds them (Q4_1 ~1.4x
+        # its GGUF bytes), sessions, llama.cpp's tokenizer (25 MB for SmolLM2, 45 for Gemma 3).
         # In a process that freed other models, new weights may land in pages it still holds
         # (RSS barely grows): the weights' own bytes are the floor.
         self.resident_rss_bytes = max(rss_bytes() - rss0, self._net.nbytes + self.vocab_bytes)
@@ -166,8 +166,7 @@ class Model:
             self._setup_flash(manifest, ffn_share, skip_fraction, ffn_mode, neuron_window,
                               kv_reserve_tokens, kv_cache, direct_io, cold_skip_fraction,
                               coalesce_gap)
-        self._file.release_pages()
-        release_freed_memory()
+        release_freed_memory()  # the flash setup's temporaries (the mapped file is untouched)
         self.kv_cache = kv_cache
         self._caches = self._make_caches()
         self._cached_ids: list[int] = []

@@ -180,17 +180,24 @@ class FlashFFN:
         self._pending = (layer, want, fut)
         self.stats["prefetched"] += len(want)
 
+    def _wait_prefetch(self):
+        """Finish the outstanding prefetch (its staging buffer is ours again) and hand it over:
+        (layer, bundles, (reads, dests)), or None."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        t0 = time.perf_counter()
+        done = pending[2].result()
+        self.stats["prefetch_wait_s"] += time.perf_counter() - t0
+        return pending[0], pending[1], done
+
     def _take(self, layer: int, missing: np.ndarray) -> np.ndarray:
         """The bundles `missing` (sorted): from this layer's prefetch where it has them, the
         rest read now."""
-        pending, self._pending = self._pending, None
-        if pending is None:
+        pending = self._wait_prefetch()
+        if pending is None or pending[0] != layer:  # none, or stale (a new prompt started)
             return self._fetch(layer, missing)
-        t0 = time.perf_counter()
-        reads, dests = pending[2].result()  # the staging buffer is ours again
-        self.stats["prefetch_wait_s"] += time.perf_counter() - t0
-        if pending[0] != layer:  # stale (a new prompt started): drop it
-            return self._fetch(layer, missing)
+        reads, dests = pending[2]
         have = np.isin(missing, pending[1], assume_unique=True)
         out = np.empty((len(missing), self.layout.stride), np.uint8)
         if have.any():
@@ -226,7 +233,7 @@ class FlashFFN:
             missing = needed[hit_slots < 0]
             self.stats["neurons_hit"] += int(active.sum()) - int(active[:, missing].sum())
             if self._pending is not None and (self._pending[0] != layer or not len(missing)):
-                self._take(layer, missing[:0])  # wait for a stale or unneeded prefetch
+                self._wait_prefetch()  # stale or not needed: only its buffer is wanted back
             if len(missing):
                 raw = self._take(layer, missing)
                 t_mm = time.perf_counter()
@@ -324,9 +331,7 @@ class FlashFFN:
         }
 
     def close(self) -> None:
-        if self._pending is not None:
-            self._pending[2].result()
-            self._pending = None
+        self._wait_prefetch()
         if self._bg is not None:
             self._bg.shutdown(wait=True)
             self.pre_reader.close()

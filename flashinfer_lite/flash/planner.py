@@ -57,7 +57,7 @@ def plan(budget: int, resident_bytes: int, kv_bytes_per_token: int, kv_tokens: i
             f"memory budget {format_bytes(budget)} is too small for this model: the minimum is "
             f"{format_bytes(need)} (resident part {format_bytes(resident_bytes)} as measured in "
             f"RSS, KV cache "
-            f"for {kv_tokens} tokens {format_bytes(kv)}, read buffer "
+            f"for {kv_tokens} tokens {format_bytes(kv)}, read buffers and working memory "
             f"{format_bytes(staging_bytes)}, {MIN_POOL_SHARE:.0%} of the FFN neurons)")
     return Plan(budget, resident_bytes, kv, staging_bytes, pool_bytes_per_neuron, n_layers,
                 ffn_dim, int(capacity))

@@ -75,21 +75,21 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None,
         check_model(name)
         return _model_card(model_id, created)
 
+    async def complete(request: Request, chat: bool):
+        req = parse(ChatRequest if chat else CompletionRequest,
+                    await read_json(request, max_body_bytes))
+        check_model(req.model)
+        prompt = req.template_messages() if chat else req.prompt_input()
+        job = Job(chat, prompt, req.limit(), req.sampling(), asyncio.get_running_loop())
+        return await respond(request, engine, job, req, chat=chat, model_id=model_id)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        req = parse(ChatRequest, await read_json(request, max_body_bytes))
-        check_model(req.model)
-        job = Job(True, req.template_messages(), req.limit(), req.sampling(),
-                  asyncio.get_running_loop())
-        return await respond(request, engine, job, req, chat=True, model_id=model_id)
+        return await complete(request, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        req = parse(CompletionRequest, await read_json(request, max_body_bytes))
-        check_model(req.model)
-        job = Job(False, req.prompt_input(), req.limit(), req.sampling(),
-                  asyncio.get_running_loop())
-        return await respond(request, engine, job, req, chat=False, model_id=model_id)
+        return await complete(request, chat=False)
 
     return app
 

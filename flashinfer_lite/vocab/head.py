@@ -16,6 +16,14 @@ import numpy as np
 from .rows import VocabRows
 
 
+def combine(scores: np.ndarray, cand: np.ndarray, exact: np.ndarray) -> np.ndarray:
+    """Preview scores (T, V), candidate ids (T, n) and their exact logits (T, n) -> (T, V):
+    exact for the candidates, the preview elsewhere capped at the row's lowest exact logit."""
+    out = np.minimum(scores, exact.min(axis=1, keepdims=True))
+    np.put_along_axis(out, cand, exact, axis=1)
+    return out
+
+
 class TwoStageHead:
     def __init__(self, preview, rows: VocabRows, n_candidates: int):
         """preview: callable (T, d) -> (T, V) float32 scores (a compiled backend segment)."""
@@ -36,12 +44,10 @@ class TwoStageHead:
     def __call__(self, h: np.ndarray) -> np.ndarray:
         """(T, d) final-normed hidden states -> (T, V) logits (see the module docstring)."""
         t0 = time.perf_counter()
-        out = np.asarray(self.preview(h), np.float32).copy()
-        for t in range(len(h)):
-            cand = self.candidates(out[t])
-            exact = self.rows.rows(cand) @ h[t]  # (n,)
-            np.minimum(out[t], exact.min(), out=out[t])
-            out[t, cand] = exact
+        scores = np.asarray(self.preview(h), np.float32)
+        cand = np.stack([self.candidates(row) for row in scores])  # (T, n)
+        exact = np.stack([self.rows.rows(c) @ x for c, x in zip(cand, h, strict=True)])
+        out = combine(scores, cand, exact)
         self.calls += len(h)
         self.seconds += time.perf_counter() - t0
         return out
