@@ -2,6 +2,12 @@
 DRAM shares, page cache dropped before each run; and perplexity dense vs flash.
 
     python benchmarks/bench_flash.py [--model smollm2-135m] [--shares 0.1 0.25 0.5 1.0]
+        [--only speed|quality|frontier]
+
+quality: perplexity over --ppl-tokens (20,000) of the pydoc topics, dense vs each share, plus
+the first --decode-tokens scored one token at a time (the decoding path).
+frontier: at share 0.25, cold-skip fraction x coalescing gap -> decoding-path perplexity vs
+flash bytes and reads per token (the skip rule's quality-vs-I/O curve).
 
 Each configuration runs in its own child process (peak RSS is its own). Modes (flash/ffn.py):
   naive  every token reads each layer's whole FFN section
@@ -77,21 +83,14 @@ def child(model, share, mode, prompt_tokens, gen_tokens, threads):
     print(json.dumps(r))
 
 
-def quality_child(model, shares, n_tokens, skips):
-    """Perplexity over n_tokens of the pydoc topics: dense, flash at each share (skip 0.3),
-    and the skip rule's quality-vs-I/O curve at share 1.0."""
+def _scorers():
     import numpy as np
 
-    import flashinfer_lite as fl
     from flashinfer_lite.evaluation import log_softmax
-    from flashinfer_lite.flash.convert import ensure_converted
-    from flashinfer_lite.registry import resolve_model
-
-    path = resolve_model(model)
-    flash_dir = ensure_converted(path)
 
     def ppl(m, ids, window=1024):
-        """Scored in windows of `window` tokens (context within each window)."""
+        """Scored in windows of `window` tokens (context within each window), prefilled in
+        chunks: the FFN sees many rows at once (the prefill path of flash/ffn.py)."""
         nll, count = 0.0, 0
         for s in range(0, len(ids) - 1, window):
             chunk = ids[s : s + window + 1]
@@ -100,33 +99,81 @@ def quality_child(model, shares, n_tokens, skips):
             count += len(chunk) - 1
         return float(np.exp(nll / count))
 
+    def decode_ppl(m, ids):
+        """Teacher-forced one token at a time: the decoding path (per-token skip rule, pool
+        and reads), which is what generation runs."""
+        m.prefill_chunk = 1
+        lp = log_softmax(m.logits(ids)[:-1])
+        return float(np.exp(-lp[np.arange(len(ids) - 1), ids[1:]].mean()))
+
+    return ppl, decode_ppl
+
+
+def quality_child(model, shares, n_tokens, decode_tokens):
+    """Perplexity over n_tokens of the pydoc topics, dense vs flash at each share (skip 0.3),
+    and over the first decode_tokens scored on the decoding path."""
+    import flashinfer_lite as fl
+    from flashinfer_lite.flash.convert import ensure_converted
+    from flashinfer_lite.registry import resolve_model
+
+    ppl, decode_ppl = _scorers()
+    path = resolve_model(model)
+    flash_dir = ensure_converted(path)
     dense = fl.load(path)
     ids = dense.tokenize(text())[:n_tokens]
-    out = {"tokens": len(ids), "dense": ppl(dense, ids)}
+    out = {"tokens": len(ids), "decode_tokens": decode_tokens, "dense": ppl(dense, ids),
+           "dense_decode": decode_ppl(dense, ids[:decode_tokens])}
     dense.close()
     for share in shares:
-        m = fl.load(flash_dir, ffn_share=share)
-        out[f"share_{share}"] = ppl(m, ids)
-        m.close()
-    curve = []
-    for skip in skips:
-        m = fl.load(flash_dir, ffn_share=1.0, skip_fraction=skip)
-        p = ppl(m, ids[:4096])
-        rep = m.flash_report()
-        curve.append({"skip_fraction": skip, "ppl_4k": p,
-                      "active_fraction": rep["ffn_active_fraction"]})
-        m.close()
-    d4 = fl.load(path)
-    out["dense_4k"] = ppl(d4, ids[:4096])
-    out["skip_curve"] = curve
+        for key, score, part in (("", ppl, ids), ("_decode", decode_ppl, ids[:decode_tokens])):
+            m = fl.load(flash_dir, ffn_share=share)
+            out[f"share_{share}{key}"] = score(m, part)
+            m.close()
+        print(json.dumps(out), file=sys.stderr, flush=True)
+    print(json.dumps(out))
+
+
+def frontier_child(model, share, n_tokens, colds, gaps):
+    """The skip rule's quality against its I/O at one share: cold-skip fraction x coalescing
+    gap, scored on the decoding path; bytes and reads per token are exact counts."""
+    import flashinfer_lite as fl
+    from flashinfer_lite.flash.convert import ensure_converted
+    from flashinfer_lite.registry import resolve_model
+
+    _, decode_ppl = _scorers()
+    path = resolve_model(model)
+    dense = fl.load(path)
+    ids = dense.tokenize(text())[:n_tokens]
+    out = {"share": share, "tokens": len(ids), "dense_decode": decode_ppl(dense, ids),
+           "points": []}
+    dense.close()
+    flash_dir = ensure_converted(path)
+    for cold in colds:
+        for gap in gaps:
+            m = fl.load(flash_dir, ffn_share=share, cold_skip_fraction=cold, coalesce_gap=gap,
+                        vocab_on_flash=False)
+            t0 = time.perf_counter()
+            p = decode_ppl(m, ids)
+            rep, ffn = m.flash_report(), m._flash.layout.section * m.config.n_layers
+            out["points"].append({
+                "cold_skip_fraction": cold, "coalesce_gap": gap, "decode_ppl": p,
+                "ppl_vs_dense": p / out["dense_decode"] - 1,
+                "flash_bytes_vs_ffn": rep["flash_bytes_read"] / len(ids) / ffn,
+                "flash_reads_per_token": rep["flash_reads"] / len(ids),
+                "ffn_active_fraction": rep["ffn_active_fraction"],
+                "neuron_cache_hit_rate": rep["neuron_cache_hit_rate"],
+                "seconds": time.perf_counter() - t0})
+            print(json.dumps(out["points"][-1]), file=sys.stderr, flush=True)
+            m.close()
     print(json.dumps(out))
 
 
 def run(args_list):
-    proc = subprocess.run([sys.executable, __file__, *args_list], capture_output=True,
+    """A child process; its last stdout line is the JSON result, its stderr (progress) is ours."""
+    proc = subprocess.run([sys.executable, __file__, *args_list], stdout=subprocess.PIPE,
                           text=True)
     if proc.returncode != 0:
-        raise RuntimeError(proc.stderr[-3000:])
+        raise RuntimeError(f"child {args_list[:3]} failed (exit {proc.returncode}); see above")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -142,14 +189,36 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--child", nargs=3, metavar=("SHARE", "MODE", "GEN"))
+    ap.add_argument("--decode-tokens", type=int, default=1024,
+                    help="tokens scored one at a time (the decoding path) per share")
+    ap.add_argument("--only", choices=["speed", "quality", "frontier"],
+                    help="run one part and merge it into the existing JSON")
+    ap.add_argument("--frontier-tokens", type=int, default=384)
     ap.add_argument("--quality-child", action="store_true")
+    ap.add_argument("--frontier-child", action="store_true")
     a = ap.parse_args()
     if a.child:
         child(a.model, float(a.child[0]), a.child[1], a.prompt_tokens, int(a.child[2]),
               a.threads)
         return
     if a.quality_child:
-        quality_child(a.model, a.shares, a.ppl_tokens, [0.1, 0.2, 0.3, 0.4, 0.5])
+        quality_child(a.model, a.shares, a.ppl_tokens, a.decode_tokens)
+        return
+    if a.frontier_child:
+        frontier_child(a.model, 0.25, a.frontier_tokens, [0.3, 0.4, 0.5], [1024, 4096])
+        return
+    out = RESULTS / f"flash_{a.model}.json"
+    if a.only in ("quality", "frontier"):  # merged into the speed run's JSON
+        report = json.loads(out.read_text())
+        if a.only == "quality":
+            report["quality"] = run(["--quality-child", "--model", a.model, "--ppl-tokens",
+                                     str(a.ppl_tokens), "--decode-tokens",
+                                     str(a.decode_tokens), "--shares", *map(str, a.shares)])
+        else:
+            report["frontier"] = run(["--frontier-child", "--model", a.model,
+                                      "--frontier-tokens", str(a.frontier_tokens)])
+        out.write_text(json.dumps(report, indent=2))
+        print(json.dumps(report[a.only], indent=2))
         return
     common = ["--model", a.model, "--prompt-tokens", str(a.prompt_tokens), "--threads",
               str(a.threads)]
@@ -182,11 +251,14 @@ def main():
               "prompt_tokens": a.prompt_tokens, "gen_tokens": a.gen_tokens,
               "runs": runs, "summary": summary}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"flash_{a.model}.json"
+    if out.exists():  # keep the quality and frontier parts of an earlier run
+        old = json.loads(out.read_text())
+        report.update({k: old[k] for k in ("quality", "frontier") if k in old})
     out.write_text(json.dumps(report, indent=2))  # speed results survive a failed quality run
-    if not a.skip_quality:
+    if not a.skip_quality and a.only != "speed":
         report["quality"] = run(["--quality-child", "--model", a.model, "--ppl-tokens",
-                                 str(a.ppl_tokens), "--shares", *map(str, a.shares)])
+                                 str(a.ppl_tokens), "--decode-tokens", str(a.decode_tokens),
+                                 "--shares", *map(str, a.shares)])
         out.write_text(json.dumps(report, indent=2))
     print(json.dumps(summary, indent=2))
     try:

@@ -282,7 +282,8 @@ class Model:
             self.plan = plan(budget, max(self._net.nbytes + self.vocab_bytes,
                                          self.resident_rss_bytes),
                              self._kv_reserve_bytes(kv_cache, 1), min(kv_tokens, self.n_ctx),
-                             lay.section * (2 if self._prefetch and mode == "ours" else 1),
+                             lay.section * (1 + (FlashFFN.LOOKAHEAD + 1
+                                                 if self._prefetch and mode == "ours" else 0)),
                              probe, c.n_layers, c.ffn_dim)
             capacity = self.plan.capacity
         ffn_class = FlashFFN

@@ -10,18 +10,15 @@ Modes, for the benchmark's ablation (DESIGN "LLM in a flash"):
   "skip"   the skip rule; active bundles read each call, up row and down column as two reads
   "cache"  + the neuron pool with windowing (the last `window` tokens' neurons stay)
   "ours"   + one read per bundle, neighbouring bundles coalesced into large aligned reads,
-           and prefetch: when a decoding token finishes layer L, the bundles layer L + 1
-           needed at the previous token and no longer holds are read on a background thread
-           while this token computes (consecutive tokens share most of their active neurons);
-           the call for L + 1 takes what it needs from that read and reads only the rest
-           (`prefetch=True`; off by default: on this 2-core machine it read 1.5x the bytes,
-           28% of them unused, and waited on the background reads: 2.0 vs 4.0-6.0 tok/s)
+           and (prefetch=True) lookahead: while a decoding token
+           computes layer L, one background thread reads the bundles layers L+1 .. L+depth
+           needed at the previous token and do not hold (flash/lookahead.py); a layer's call
+           takes what it needs from that read and reads only the rest itself
 """
 
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -31,15 +28,19 @@ from ..kernels.ops import ACTIVATIONS
 from ..kernels.sparse_ffn import sparse_ffn
 from ..loaders.direct_io import FlashReader, coalesce
 from ..loaders.flash_format import FlashManifest
+from .lookahead import Lookahead
 
 MODES = ("naive", "skip", "cache", "ours")
 
 
 class FlashFFN:
+    LOOKAHEAD = 2  # layers read ahead with prefetch=True (ring of LOOKAHEAD + 1 sections)
+
     def __init__(self, manifest: FlashManifest, activation: str, capacity: int,
                  skip_fraction: float = 0.3, window: int = 5, mode: str = "ours",
                  cold_skip_fraction: float | None = None, coalesce_gap: int = 4096,
-                 threads: int = 8, direct: bool = True, prefetch: bool = False):
+                 threads: int = 8, direct: bool = True, prefetch: bool = False,
+                 lookahead: int | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
         lay = manifest.layout
@@ -66,16 +67,13 @@ class FlashFFN:
                                   threads=threads, direct=direct)
         self.step = 0
         self.stats = {"io_s": 0.0, "mm_s": 0.0, "compute_s": 0.0, "neurons_needed": 0,
-                      "neurons_hit": 0, "neurons_computed": 0, "neuron_slots": 0,
-                      "prefetched": 0, "prefetch_used": 0, "prefetch_wait_s": 0.0}
-        # prefetch: a second staging buffer and one background reader thread
+                      "neurons_hit": 0, "neurons_computed": 0, "neuron_slots": 0}
+        # lookahead: a ring of staging slots and one background reader (flash/lookahead.py)
         self.prefetch = prefetch and mode == "ours"
-        self.pre_reader = (FlashReader(manifest.ffn_path, lay.section, threads=threads,
-                                       direct=direct) if self.prefetch else None)
-        self._bg = ThreadPoolExecutor(max_workers=1) if self.prefetch else None
+        depth = self.LOOKAHEAD if lookahead is None else lookahead
+        self.lookahead = (Lookahead(manifest.ffn_path, lay.section, depth, coalesce_gap,
+                                    direct=direct) if self.prefetch else None)
         self._last_needed: list[np.ndarray | None] = [None] * n_layers
-        self._stable: list[np.ndarray | None] = [None] * n_layers  # needed by the last two
-        self._pending = None  # (layer, bundles, future of (reads, dests))
         if cached:
             self._warm()
 
@@ -110,18 +108,21 @@ class FlashFFN:
         self.reset_counters()
 
     def reset_counters(self) -> None:
-        for r in (self.reader, self.pre_reader):
+        la = self.lookahead
+        for r in (self.reader, la.reader if la is not None else None):
             if r is not None:
                 r.bytes_read = r.read_calls = 0
                 r.seconds = 0.0
         for k in self.stats:
             self.stats[k] = 0 if isinstance(self.stats[k], int) else 0.0
+        if la is not None:
+            la.wait_s, la.bundles_read, la.bundles_used = 0.0, 0, 0
 
     @property
     def nbytes(self) -> int:
         pools = self.pools if self.pools is not None else [self.scratch]
-        pre = self.pre_reader.nbytes if self.pre_reader is not None else 0
-        return sum(p.nbytes for p in pools) + self.reader.nbytes + pre
+        la = self.lookahead.nbytes if self.lookahead is not None else 0
+        return sum(p.nbytes for p in pools) + self.reader.nbytes + la
 
     # ---- per call ----------------------------------------------------------------------------
     def _fetch(self, layer: int, neurons: np.ndarray) -> np.ndarray:
@@ -164,48 +165,36 @@ class FlashFFN:
         gather_rows(staging, pos.astype(np.int64), self.layout.stride, out)
         return out
 
-    # ---- prefetch ---------------------------------------------------------------------------
-    def _start_prefetch(self, layer: int) -> None:
-        """Read, in the background, the bundles `layer` needed last time and no longer holds."""
-        prev, pool = self._stable[layer], self.pools[layer]
-        if prev is None:
-            return
-        want = prev[pool.slot_of[prev] < 0]
-        if len(want) == 0:
-            return
-        lay = self.layout
-        starts = self.manifest.layer(layer)["offset"] + want * lay.stride
-        reads = coalesce(starts, starts + lay.stride, self.gap, self.pre_reader.align)
-        fut = self._bg.submit(lambda: (reads, self.pre_reader.read(reads)))
-        self._pending = (layer, want, fut)
-        self.stats["prefetched"] += len(want)
-
-    def _wait_prefetch(self):
-        """Finish the outstanding prefetch (its staging buffer is ours again) and hand it over:
-        (layer, bundles, (reads, dests)), or None."""
-        pending, self._pending = self._pending, None
-        if pending is None:
-            return None
-        t0 = time.perf_counter()
-        done = pending[2].result()
-        self.stats["prefetch_wait_s"] += time.perf_counter() - t0
-        return pending[0], pending[1], done
+    # ---- lookahead ---------------------------------------------------------------------------
+    def _schedule(self, layer: int) -> None:
+        """Queue reads of layers layer+1 .. layer+depth (wrapping into the next token): the
+        bundles each needed last time and does not hold."""
+        n = len(self.pools)
+        for j in range(layer + 1, layer + 1 + self.lookahead.depth):
+            jj = j % n
+            prev = self._last_needed[jj]
+            if jj == layer or jj in self.lookahead.pending or prev is None:
+                continue
+            want = prev[self.pools[jj].slot_of[prev] < 0]
+            if len(want):
+                starts = self.manifest.layer(jj)["offset"] + want * self.layout.stride
+                self.lookahead.submit(jj, want, starts, self.layout.stride)
 
     def _take(self, layer: int, missing: np.ndarray) -> np.ndarray:
-        """The bundles `missing` (sorted): from this layer's prefetch where it has them, the
-        rest read now."""
-        pending = self._wait_prefetch()
-        if pending is None or pending[0] != layer:  # none, or stale (a new prompt started)
+        """The bundles `missing` (sorted): from this layer's lookahead read where it has them,
+        the rest read now."""
+        got = self.lookahead.take(layer) if self.lookahead is not None else None
+        if got is None:
             return self._fetch(layer, missing)
-        reads, dests = pending[2]
-        have = np.isin(missing, pending[1], assume_unique=True)
+        bundles, reads, dests = got
+        have = np.isin(missing, bundles, assume_unique=True)
         out = np.empty((len(missing), self.layout.stride), np.uint8)
         if have.any():
             starts = self.manifest.layer(layer)["offset"] + missing[have] * self.layout.stride
-            out[have] = self._gather(self.pre_reader.staging, reads, dests, starts)
+            out[have] = self._gather(self.lookahead.reader.staging, reads, dests, starts)
         if not have.all():
             out[~have] = self._fetch(layer, missing[~have])
-        self.stats["prefetch_used"] += int(have.sum())
+        self.lookahead.bundles_used += int(have.sum())
         return out
 
     def __call__(self, layer: int, h: np.ndarray, gate: np.ndarray) -> np.ndarray:
@@ -232,8 +221,11 @@ class FlashFFN:
             pool.last_used[hit_slots[hit_slots >= 0]] = self.step
             missing = needed[hit_slots < 0]
             self.stats["neurons_hit"] += int(active.sum()) - int(active[:, missing].sum())
-            if self._pending is not None and (self._pending[0] != layer or not len(missing)):
-                self._wait_prefetch()  # stale or not needed: only its buffer is wanted back
+            if self.lookahead is not None:
+                if h.shape[0] == 1:
+                    self._schedule(layer)
+                else:  # a prefill changes the pools in bulk: predictions are stale
+                    self.lookahead.drain()
             if len(missing):
                 raw = self._take(layer, missing)
                 t_mm = time.perf_counter()
@@ -269,15 +261,8 @@ class FlashFFN:
         self.stats["neurons_computed"] += int(active.sum())
         self.stats["neuron_slots"] += active.size
         self.stats["io_s"] += self.reader.seconds - io0
-        if self.prefetch and pool is not None:
-            last = self._last_needed[layer]
-            # neurons needed by both of the last two tokens: 70% of a single token's set were
-            # needed again (measured), so prefetching it wasted 30% of its reads
-            self._stable[layer] = (needed if last is None else
-                                   np.intersect1d(last, needed, assume_unique=True))
+        if self.lookahead is not None:
             self._last_needed[layer] = needed
-            if h.shape[0] == 1:  # decoding: the next layer's likely misses, while we compute
-                self._start_prefetch((layer + 1) % len(self.pools))
         return out
 
     def _compute(self, h, a, active, pool) -> np.ndarray:
@@ -311,28 +296,29 @@ class FlashFFN:
     # ---- reporting -------------------------------------------------------------------------
     def report(self) -> dict:
         s = self.stats
-        pre = self.pre_reader
+        la = self.lookahead
+        pre = la.reader if la is not None else None
         return {
             "flash_bytes_read": self.reader.bytes_read + (pre.bytes_read if pre else 0),
             "flash_reads": self.reader.read_calls + (pre.read_calls if pre else 0),
             "prefetch_bytes_read": pre.bytes_read if pre else 0,
-            "prefetch_hit_rate": (s["prefetch_used"] / s["prefetched"]
-                                  if s["prefetched"] else None),
-            "prefetch_wait_s": s["prefetch_wait_s"],
+            "prefetch_hit_rate": (la.bundles_used / la.bundles_read
+                                  if la is not None and la.bundles_read else None),
+            "prefetch_wait_s": la.wait_s if la is not None else 0.0,
+            "prefetch_read_s": pre.seconds if pre else 0.0,
             "flash_read_mode": self.reader.mode,
             "neuron_cache_hit_rate": (s["neurons_hit"] / s["neurons_needed"]
                                       if self.pools is not None and s["neurons_needed"] else None),
             "ffn_active_fraction": (s["neurons_computed"] / s["neuron_slots"]
                                     if s["neuron_slots"] else None),
-            "io_s": s["io_s"] + s["prefetch_wait_s"], "memory_management_s": s["mm_s"],
+            "io_s": s["io_s"] + (la.wait_s if la is not None else 0.0),
+            "memory_management_s": s["mm_s"],
             "compute_s": s["compute_s"],
             "pool_bytes": self.nbytes, "ffn_mode": self.mode,
             "skip_fraction": self.skip_fraction, "cold_skip_fraction": self.cold_skip_fraction,
         }
 
     def close(self) -> None:
-        self._wait_prefetch()
-        if self._bg is not None:
-            self._bg.shutdown(wait=True)
-            self.pre_reader.close()
+        if self.lookahead is not None:
+            self.lookahead.close()
         self.reader.close()

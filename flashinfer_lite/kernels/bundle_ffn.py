@@ -85,12 +85,16 @@ def ffn_raw(x, x_sum, slots, coef, counts, raw, kind, up_blocks, down_off, d_blo
 
 @numba.njit(cache=True, nogil=True)
 def gather_rows(src, pos, width, out):
-    """out[i] = src[pos[i] : pos[i] + width]: bundles out of the read staging buffer (numpy's
-    fancy indexing needs an (n, width) int64 index array, ~2 ms per layer here)."""
+    """out[i, :width] = src[pos[i] : pos[i] + width]: bundles out of the read staging buffer.
+    Through row and slice views: indexing src[p + j] and out[i, j] directly kept LLVM from
+    vectorizing the copy (0.75 vs 0.09 ms for 750 1 KiB bundles, measured); numpy's fancy
+    indexing needs an (n, width) int64 index array (~2 ms per layer)."""
     for i in range(len(pos)):
         p = pos[i]
+        o = out[i]
+        s = src[p : p + width]
         for j in range(width):
-            out[i, j] = src[p + j]
+            o[j] = s[j]
 
 
 def bundle_ffn(x: np.ndarray, slots: np.ndarray, coef: np.ndarray, counts: np.ndarray,

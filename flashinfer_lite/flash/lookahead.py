@@ -1,0 +1,83 @@
+"""Reading the next layers' likely misses while this layer computes.
+
+When a decoding token reaches layer L, the bundles layers L+1 .. L+depth will probably need and
+do not hold are read on one background thread, each layer into its own slot of a staging ring.
+The prediction is what the layer needed at the previous token (consecutive tokens share most of
+their active neurons); it is known before this token's hidden state is, so reads can run as
+far ahead as the ring allows, overlapping attention, the FFN kernel and ONNX Runtime calls of
+the layers before. A layer's pool changes only in that layer's own call, so "not held" is
+already exact when the read is queued.
+
+One thread, not several: on this machine's disk small O_DIRECT reads from one thread ran at
+~16k per second, and from a Python thread pool at half that (benchmarks/results/flash_*.json
+records the reader's own numbers). Output does not depend on any of this: the same bytes
+arrive either way (tests/test_flash.py).
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+
+from ..loaders.direct_io import FlashReader, coalesce
+
+
+class Lookahead:
+    """A ring of depth + 1 layer-sized staging slots filled by one background reader."""
+
+    def __init__(self, path, section: int, depth: int, gap: int, direct: bool = True):
+        if depth < 1:
+            raise ValueError(f"lookahead depth must be >= 1; got {depth}")
+        self.depth, self.section, self.gap = depth, section, gap
+        # + 1: the slot of the layer being consumed is not reused until its bundles are copied
+        self.reader = FlashReader(path, section * (depth + 1), threads=1, direct=direct)
+        self._bg = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flash-lookahead")
+        self.pending: dict[int, tuple[np.ndarray, list, Future]] = {}
+        self.slot_layer: list[int | None] = [None] * (depth + 1)
+        self.wait_s = 0.0
+        self.bundles_read = 0
+        self.bundles_used = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.reader.nbytes
+
+    def submit(self, layer: int, bundles: np.ndarray, starts: np.ndarray, stride: int) -> None:
+        """Queue a read of `bundles` (sorted bundle ids) of `layer`, at file offsets `starts`."""
+        slot = layer % (self.depth + 1)
+        owner = self.slot_layer[slot]
+        if owner is not None:  # an older prediction nobody took (a prompt ended): drop it
+            self._finish(owner)
+        reads = coalesce(starts, starts + stride, self.gap, self.reader.align)
+        base = slot * self.section
+        fut = self._bg.submit(self.reader.read, reads, base)
+        self.pending[layer] = (bundles, reads, fut)
+        self.slot_layer[slot] = layer
+        self.bundles_read += len(bundles)
+
+    def _finish(self, layer: int):
+        bundles, reads, fut = self.pending.pop(layer)
+        self.slot_layer[layer % (self.depth + 1)] = None
+        t0 = time.perf_counter()
+        dests = fut.result()
+        self.wait_s += time.perf_counter() - t0
+        return bundles, reads, dests
+
+    def take(self, layer: int):
+        """(bundles, reads, dests) read for `layer`, waiting for them; None if none queued.
+        The slot stays valid until the next submit that maps onto it (depth layers later)."""
+        if layer not in self.pending:
+            return None
+        return self._finish(layer)
+
+    def drain(self) -> None:
+        """Finish every queued read and forget it (a prefill changes pools in bulk)."""
+        for layer in list(self.pending):
+            self._finish(layer)
+
+    def close(self) -> None:
+        self.drain()
+        self._bg.shutdown(wait=True)
+        self.reader.close()
