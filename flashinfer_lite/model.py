@@ -107,6 +107,7 @@ class Model:
                                             filter_threshold)  # validates
         if prefill_chunk < 1:
             raise InvalidArgumentError(f"prefill_chunk must be >= 1; got {prefill_chunk!r}")
+        self.prefill_chunk = prefill_chunk
         self.kv_spec = KVSpec(kv_cache, kv_window, kv_sinks, kv_residual)  # validates
         t0 = time.perf_counter()
         self.threads = threads or default_threads()
@@ -170,7 +171,6 @@ class Model:
         self.kv_cache = kv_cache
         self._caches = self._make_caches()
         self._cached_ids: list[int] = []
-        self.prefill_chunk = prefill_chunk
         self.chat_template = ChatTemplate.for_model(self._file.get("tokenizer.chat_template"),
                                                     self.config.architecture)
         resolve_layer(self.filter_options, self.config)  # a bad filter_layer fails at load
@@ -208,6 +208,8 @@ class Model:
             + self._kv_reserve_bytes(kv_cache, kv_tokens))
 
     def _kv_reserve_bytes(self, kv_cache: str, kv_tokens: int) -> int:
+        """An upper estimate before the model is built (every layer caching kv_tokens); the
+        planner itself counts the caches the model makes (Model._setup_flash)."""
         c = self.config
         # bytes per cached value: f16 2, q8 1 + scales, q4 0.5 + scales (cache/quantized.py:
         # float16 scale + minimum per 128-token key group and per 64-channel value group)
@@ -279,9 +281,13 @@ class Model:
 
                 budget = int(psutil.virtual_memory().available * 0.5)
             probe = FlashFFN.bytes_per_neuron(lay)
+            # the KV reserve from the caches this model will make (Gemma 3's sliding layers
+            # keep 512 + slack positions, not kv_tokens)
+            kv_tokens = min(kv_tokens, self.n_ctx)
+            kv_reserve = sum(cache.bytes_at(kv_tokens, self.prefill_chunk)
+                             for cache in self._make_caches())
             self.plan = plan(budget, max(self._net.nbytes + self.vocab_bytes,
-                                         self.resident_rss_bytes),
-                             self._kv_reserve_bytes(kv_cache, 1), min(kv_tokens, self.n_ctx),
+                                         self.resident_rss_bytes), kv_reserve, kv_tokens,
                              lay.section * (1 + (FlashFFN.LOOKAHEAD + 1
                                                  if self._prefetch and mode == "ours" else 0)),
                              probe, c.n_layers, c.ffn_dim)

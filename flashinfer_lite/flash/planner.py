@@ -43,9 +43,10 @@ class Plan:
                 "pool_capacity": self.capacity, "ffn_share": self.ffn_share}
 
 
-def plan(budget: int, resident_bytes: int, kv_bytes_per_token: int, kv_tokens: int,
+def plan(budget: int, resident_bytes: int, kv_reserve_bytes: int, kv_tokens: int,
          staging_bytes: int, pool_bytes_per_neuron: int, n_layers: int, ffn_dim: int) -> Plan:
-    kv = kv_bytes_per_token * kv_tokens
+    """kv_reserve_bytes: what the KV cache holds after kv_tokens positions."""
+    kv = kv_reserve_bytes
     staging_bytes += WORKING_BYTES
     left = budget - resident_bytes - kv - staging_bytes
     capacity = min(ffn_dim, max(0, left // (pool_bytes_per_neuron * n_layers)))
