@@ -61,6 +61,20 @@ def release_freed_memory() -> None:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def release_mapped_pages(*arrays) -> None:
+    """Drop the pages of memory-mapped arrays (np.load(mmap_mode="r")) from our resident set;
+    they stay in the page cache and fault back in if read again. Arrays without a mapping are
+    left alone."""
+    import mmap
+
+    for a in arrays:
+        mm = getattr(a, "_mmap", None)
+        if mm is None and getattr(a, "base", None) is not None:
+            mm = getattr(a.base, "_mmap", None)
+        if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+            mm.madvise(mmap.MADV_DONTNEED)
+
+
 def format_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if abs(n) < 1000 or unit == "GB":

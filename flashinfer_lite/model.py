@@ -34,7 +34,13 @@ from .generate import GenerationChunk, StopMatcher, generate_step
 from .kernels.base import Backend
 from .loaders.flash_format import is_flash_dir, open_flash_dir
 from .loaders.gguf_file import GGUFFile
-from .memory import parse_budget, peak_rss_bytes, release_freed_memory, rss_bytes
+from .memory import (
+    parse_budget,
+    peak_rss_bytes,
+    release_freed_memory,
+    release_mapped_pages,
+    rss_bytes,
+)
 from .models import build_model
 from .registry import resolve_model
 from .sampling import make_repetition_penalty, make_sampler, validate_sampling
@@ -246,9 +252,14 @@ class Model:
             raise InvalidArgumentError(f"head_candidates must be >= 1; got {n_candidates!r}")
         grid, d = manifest.preview(), self.config.d_model
         step = self._net.HEAD_SLICE_ROWS
-        parts = [grid.rows(a, min(grid.n, a + step)) for a in range(0, grid.n, step)]
-        slices = [self.backend.compile(self._file, lambda g, h, p=p: [g.linear_packed(h, p)],
-                                       [d]) for p in parts]
+        slices = []
+        for a in range(0, grid.n, step):
+            part = grid.rows(a, min(grid.n, a + step))
+            slices.append(self.backend.compile(
+                self._file, lambda g, h, p=part: [g.linear_packed(h, p)], [d]))
+            # the backend copied the slice: its mapped pages leave our RSS now (Gemma 3's
+            # preview is 96 MB; kept mapped until the end of the load, it was the load's peak)
+            release_mapped_pages(grid.codes, grid.scale, grid.zero)
         self._preview_slices = slices
         v = manifest.vocab
         rows = VocabRows(manifest.path / "vocab.bin", manifest.token_order(),
