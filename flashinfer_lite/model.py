@@ -315,6 +315,7 @@ class Model:
                                     cold_skip_fraction=cold_skip_fraction,
                                     coalesce_gap=coalesce_gap, window=window, mode=mode,
                                     threads=max(4, self.threads * 2), direct=direct_io,
+                                    compute_threads=self.threads,
                                     prefetch=self._prefetch)
         except ValueError as exc:
             raise InvalidArgumentError(str(exc)) from None

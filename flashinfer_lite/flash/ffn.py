@@ -40,13 +40,14 @@ class FlashFFN:
                  skip_fraction: float = 0.3, window: int = 5, mode: str = "ours",
                  cold_skip_fraction: float | None = None, coalesce_gap: int = 4096,
                  threads: int = 8, direct: bool = True, prefetch: bool = False,
-                 lookahead: int | None = None):
+                 lookahead: int | None = None, compute_threads: int = 1):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
         lay = manifest.layout
         self.manifest, self.layout, self.mode = manifest, lay, mode
         self.act = ACTIVATIONS[activation]
         self.window, self.gap = window, coalesce_gap
+        self.compute_threads = max(1, compute_threads)
         n_layers = manifest.data["n_layers"]
         self.order = [np.asarray(manifest.layer(i)["order"], np.int64) for i in range(n_layers)]
         # w in bundle order: bundle j holds neuron order[j]
@@ -277,9 +278,12 @@ class FlashFFN:
             counts[r] = len(idx)
             slots[r, : len(idx)] = pool.slot_of[idx]
             coef[r, : len(idx)] = a[r, idx]
+        # one chunk per thread only when there is enough work to split (a decoding row's ~1,000
+        # active neurons; a handful of rows of a short prompt)
+        chunks = self.compute_threads if counts.sum() >= 256 else 1
         if isinstance(pool, RawNeuronPool):
-            return bundle_ffn(h, slots, coef, counts, pool)
-        return sparse_ffn(h.astype(np.float32), pool.block, slots, coef, counts, pool)
+            return bundle_ffn(h, slots, coef, counts, pool, chunks)
+        return sparse_ffn(h.astype(np.float32), pool.block, slots, coef, counts, pool, chunks)
 
     DENSE_ROWS = 8
 

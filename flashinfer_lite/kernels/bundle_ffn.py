@@ -9,6 +9,8 @@ is not a multiple of 256, as in both bundled models); others use the decoded poo
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numba
 import numpy as np
 from gguf import GGMLQuantizationType as Q
@@ -34,11 +36,13 @@ def half(raw, s, o, table):
 
 @numba.njit(fastmath=True, cache=True, nogil=True)
 def ffn_raw(x, x_sum, slots, coef, counts, raw, kind, up_blocks, down_off, d_blocks,
-            table, out):
-    """x (T, K), x_sum (T, K/32); raw (P, stride) bundles; out (T, D) accumulated."""
+            table, out, c):
+    """x (T, K), x_sum (T, K/32); raw (P, stride) bundles; out (chunks, T, D): this call sums
+    chunk c's share of each row's slots into out[c] (one chunk per thread)."""
+    chunks = out.shape[0]
     for t in range(x.shape[0]):
-        y = out[t]
-        for j in range(counts[t]):
+        y = out[c, t]
+        for j in range(counts[t] * c // chunks, counts[t] * (c + 1) // chunks):
             s = slots[t, j]
             u = np.float32(0.0)
             for b in range(up_blocks):
@@ -98,16 +102,35 @@ def gather_rows(src, pos, width, out):
 
 
 def bundle_ffn(x: np.ndarray, slots: np.ndarray, coef: np.ndarray, counts: np.ndarray,
-               pool) -> np.ndarray:
-    """x (T, K) -> (T, D) over each row's active slots of a RawNeuronPool."""
+               pool, chunks: int = 1) -> np.ndarray:
+    """x (T, K) -> (T, D) over each row's active slots of a RawNeuronPool; chunks > 1 splits
+    each row's slots over that many threads (the kernel releases the GIL)."""
     t, k = x.shape
     x = np.ascontiguousarray(x, np.float32)
     x_sum = x.reshape(t, k // 32, 32).sum(-1)  # (T, K/32)
-    out = np.zeros((t, pool.d_out), np.float32)
+    out = np.zeros((chunks, t, pool.d_out), np.float32)
     lay = pool.layout
-    ffn_raw(x, x_sum, slots, coef, counts, pool.raw, RAW_UP_TYPES[lay.up_type], k // 32,
-            lay.up_bytes, lay.d_model // 32, f16_table(), out)
-    return out
+    table = f16_table()
+
+    def run(c):
+        ffn_raw(x, x_sum, slots, coef, counts, pool.raw, RAW_UP_TYPES[lay.up_type], k // 32,
+                lay.up_bytes, lay.d_model // 32, table, out, c)
+
+    if chunks == 1:
+        run(0)
+        return out[0]
+    list(executor(chunks).map(run, range(chunks)))
+    return out.sum(0)
+
+
+_EXECUTORS: dict[int, ThreadPoolExecutor] = {}
+
+
+def executor(n: int) -> ThreadPoolExecutor:
+    """A process-wide pool of n threads for the FFN kernels' chunks."""
+    if n not in _EXECUTORS:
+        _EXECUTORS[n] = ThreadPoolExecutor(max_workers=n, thread_name_prefix="ffn-kernel")
+    return _EXECUTORS[n]
 
 
 def warm() -> None:
@@ -117,5 +140,5 @@ def warm() -> None:
     x = np.zeros((0, 32), np.float32)
     ffn_raw(x, np.zeros((0, 1), np.float32), np.zeros((0, 1), np.int64),
             np.zeros((0, 1), np.float32), np.zeros(0, np.int64), np.zeros((1, 64), np.uint8),
-            RAW_UP_TYPES[Q.Q4_0], 1, 18, 1, f16_table(), np.zeros((0, 32), np.float32))
+            RAW_UP_TYPES[Q.Q4_0], 1, 18, 1, f16_table(), np.zeros((1, 0, 32), np.float32), 0)
     gather_rows(np.zeros(64, np.uint8), np.zeros(0, np.int64), 64, np.zeros((0, 64), np.uint8))

@@ -13,6 +13,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from .bundle_ffn import executor
+
 # Module level, not built in a closure: numba's on-disk cache only serves module-level
 # functions (closures were recompiled, and re-cached, in every process). This module is
 # imported only when a flash-resident FFN is set up.
@@ -93,16 +95,5 @@ def sparse_ffn(x: np.ndarray, block: int, slots: np.ndarray, coef: np.ndarray,
     if chunks == 1:
         run(0)
     else:  # the kernels release the GIL (nogil): one chunk per thread
-        list(_executor(chunks).map(run, range(chunks)))
+        list(executor(chunks).map(run, range(chunks)))
     return out.sum(0)
-
-
-_EXECUTORS: dict[int, object] = {}
-
-
-def _executor(n: int):
-    from concurrent.futures import ThreadPoolExecutor
-
-    if n not in _EXECUTORS:
-        _EXECUTORS[n] = ThreadPoolExecutor(max_workers=n)
-    return _EXECUTORS[n]
