@@ -61,6 +61,29 @@ def release_freed_memory() -> None:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+# glibc's mallopt parameter: allocations of at least this many bytes get their own mapping
+M_MMAP_THRESHOLD = -3
+HEAP_MMAP_THRESHOLD = 1 << 20
+
+
+def limit_heap_retention() -> bool:
+    """Make glibc hand every allocation of 1 MiB or more its own mapping, returned to the OS on
+    free. By default the threshold rises to the largest block freed so far (up to 32 MiB), after
+    which big temporaries (a prefill's dequantized rows, ORT's initializer copies) come from
+    the heap and stay in RSS when freed: Gemma 3 at a 300 MB budget held 328 MB after 32
+    tokens and peaked at 344 MB while loading; with this, 287 and 304 MB (throwaway check,
+    benchmarks/bench_budget.py for the committed runs). Process-wide, so only applied when a
+    memory budget is asked for. Returns whether it was applied (glibc only)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD))
+    except (OSError, AttributeError):  # not glibc (musl)
+        return False
+
+
 def release_mapped_pages(*arrays) -> None:
     """Drop the pages of memory-mapped arrays (np.load(mmap_mode="r")) from our resident set;
     they stay in the page cache and fault back in if read again. Arrays without a mapping are

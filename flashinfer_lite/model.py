@@ -35,6 +35,7 @@ from .kernels.base import Backend
 from .loaders.flash_format import is_flash_dir, open_flash_dir
 from .loaders.gguf_file import GGUFFile
 from .memory import (
+    limit_heap_retention,
     parse_budget,
     peak_rss_bytes,
     release_freed_memory,
@@ -140,6 +141,8 @@ class Model:
             raise InvalidArgumentError(f"ctx_size must be >= 1; got {ctx_size!r}")
         self.n_ctx = min(ctx_size or self.config.context_length, self.config.context_length)
         self.memory_budget = parse_budget(memory_budget, model_bytes)
+        if self.memory_budget is not None:
+            limit_heap_retention()  # freed temporaries leave RSS (memory.py says why)
         if ffn_share is not None and not 0 < ffn_share <= 1:
             raise InvalidArgumentError(f"ffn_share must be in (0, 1]; got {ffn_share!r}")
         if manifest is None and (ffn_share is not None or vocab_on_flash
