@@ -387,8 +387,8 @@ def plot(result: dict, path: Path) -> None:
     ax[0].set_ylim(-0.05, 1.05)
     ax[0].set_xlabel("prompt tokens")
     ax[0].set_ylabel("pass keys retrieved")
-    ax[0].set_title(f"Needle in a haystack ({s[str(ns[0])]['prompts']}-"
-                    f"{s[str(ns[-1])]['prompts']} prompts per length)")
+    counts = sorted({s[str(n)]["prompts"] for n in ns})
+    ax[0].set_title(f"Needle in a haystack ({'-'.join(map(str, counts))} prompts per length)")
     ax[0].legend()
     x = np.arange(len(ns))
     names = ["full", *[f"k{k}" for k in keeps]]
