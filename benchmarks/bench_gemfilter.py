@@ -283,9 +283,13 @@ def plot(result: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 3, figsize=(16, 4.5))
     acc = result.get("accuracy", {})
     lengths = sorted(int(n) for n in acc)
+    if lengths:
+        fig, ax = plt.subplots(1, 3, figsize=(16, 4.5))
+    else:  # a speed-only run: one panel
+        fig, one = plt.subplots(1, 1, figsize=(7, 4.5))
+        ax = [None, None, one]
     keeps = result["args"]["keeps"]
     if lengths:
         def frac(n, key):
@@ -323,6 +327,8 @@ def plot(result: dict) -> None:
         twin.plot(x, [v["filtered"]["peak_rss_bytes"] / 1e6 for v in s], "kv--",
                   label="GemFilter RSS")
         twin.set_ylabel("peak RSS (MB)")
+        top = max(v["full"]["peak_rss_bytes"] for v in s) / 1e6
+        twin.set_ylim(0, 1.3 * top)  # from zero: the loaded model is most of either peak
         ax[2].set_title(f"TTFT and peak RSS, k={result['args']['speed_keep']}")
         ax[2].legend(loc="upper left", fontsize=8)
         twin.legend(loc="upper center", fontsize=8)

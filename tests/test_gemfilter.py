@@ -204,3 +204,36 @@ def test_rope_rows_come_from_one_shared_block_per_configuration(gemma3):
         np.testing.assert_array_equal(cos, ref_cos)
         np.testing.assert_array_equal(sin, ref_sin)
         assert len(table.cos) <= max(RopeTable.STEP, len(positions))
+
+
+def test_mlx_selects_the_same_tokens_as_onnxruntime(gemma3, gemma3_path):
+    """Pass 1 on MLX (its CPU device here: slow, so a short prompt) keeps the tokens that the
+    ONNX Runtime path keeps, up to near ties at the cut (the backends round differently)."""
+    pytest.importorskip("mlx.core", reason="MLX is not installed (the [mlx]/[cuda] extras)")
+    key, keep, chunk = 58203, 64, 64
+    text = ("There is a pass key hidden inside a lot of irrelevant text. Find it.\n"
+            + FILLER * 6 + f"\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
+            + FILLER * 6 + "\nWhat is the pass key? The pass key is")
+    ids = gemma3.tokenize(text)
+    assert len(ids) > 3 * keep
+    m = fl.load(gemma3_path, backend="mlx", prefill_chunk=chunk)
+    got = m.filter_prompt(ids, keep=keep)
+    assert type(m._caches[0]).__name__ == "MlxKVCache"  # the device path, not the host one
+    gf = gemma3.gemfilter
+    gf.chunk = chunk  # the same chunking on both sides
+    try:
+        ref = gemma3.filter_prompt(ids, keep=keep)
+    finally:
+        gf.chunk = gemma3.prefill_chunk
+    assert got.layer == ref.layer == 5
+    scale = np.abs(ref.scores).max()
+    # the two paths round differently (measured: within 1.9% of the largest score)
+    np.testing.assert_allclose(got.scores, ref.scores, rtol=0, atol=0.03 * scale)
+    digits = gemma3.tokenize(str(key), add_bos=False)
+    first = next(i for i in range(len(ids)) if ids[i : i + len(digits)] == digits)
+    needle = set(range(first, first + len(digits)))  # the key's first occurrence
+    assert needle <= set(got.kept) and needle <= set(ref.kept)
+    cut = np.sort(ref.scores)[::-1][keep - 1]  # roughly the k-th score (protected tokens aside)
+    differ = sorted(set(got.kept) ^ set(ref.kept))
+    assert all(abs(ref.scores[i] - cut) < 0.02 * scale for i in differ), differ
+    assert len(differ) <= 4

@@ -185,9 +185,11 @@ class GemFilter:
         # layer r's rotated keys, float16: 16 MB for Gemma 3 at 32k tokens
         keys = np.empty((n, c.n_kv_heads, c.head_dim), np.float16)  # (N, Hkv, D)
         q_last = None
+        host = self.net.backend.to_host
         for s in range(0, n, self.chunk):
             part = ids[s : s + self.chunk]
             q, k, _ = self.net.forward(part, caches, stop_at=layer)
+            q, k = host(q), host(k)  # a device backend's (MLX) arrays -> numpy
             positions = np.arange(s, s + len(part))
             q, k = self.net.cores[layer].rotate(q, k, positions)  # (T, H, D), (T, Hkv, D)
             keys[s : s + len(part)] = k

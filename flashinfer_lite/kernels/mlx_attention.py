@@ -48,6 +48,10 @@ class MlxKVCache:
         else:
             self.keys = mx.concatenate([self.keys, extra], axis=2)
             self.values = mx.concatenate([self.values, mx.zeros(shape, mx.float16)], axis=2)
+            # MLX is lazy: without this, a long prefill is one graph over every chunk (each
+            # chunk's cache a new array), held until the logits are read. Evaluating here,
+            # once per STEP positions, bounds it at about one chunk.
+            mx.eval(self.keys, self.values)
 
     def update(self, k, v) -> None:
         """k, v: (1, Hkv, T, D) after RoPE."""
