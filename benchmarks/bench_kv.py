@@ -195,27 +195,46 @@ def passkey_prompt(m, n_tokens: int, key: int, depth: float) -> list[int]:
     return m.tokenize(text)
 
 
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=RESULTS.parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def cmd_passkey(args):
+    """Trials resume: a row already in the result file keeps its finished trials (when they
+    are the same keys and depths) and only the missing ones run."""
     import flashinfer_lite as fl
 
     m = fl.load(args.model, threads=args.threads)
-    rng = random.Random(args.seed)
-    rows = {}
     name = "passkey_" + "_".join(map(str, args.lengths)) + "_" + "_".join(
         k.replace("/", "g") for k in args.kinds)
+    path = RESULTS / f"kv_{name}_{args.model}.json"
+    rows = json.loads(path.read_text())["rows"] if path.exists() and args.resume else {}
+    commit = git_commit()
     for n in args.lengths:
-        # deepest needle first: each next prompt shares the filler before its (shallower)
-        # needle with the previous one, so prefix reuse (trim) skips re-prefilling it
+        # one generator per length, so a length's trials do not depend on the other lengths
+        # asked for; deepest needle first
+        rng = random.Random(args.seed)
         trials = sorted(((rng.randint(10000, 99999), rng.uniform(0.1, 0.9))
                          for _ in range(args.trials)), key=lambda t: -t[1])
         for kind in args.kinds:
             m.kv_spec = kind_spec(kind)
             m.reset()
-            row = rows[f"{n}/{kind}"] = {"kind": kind, "correct": 0, "trials": 0,
-                                         "answers": [], "keys": [], "depths": [],
-                                         "tokens": []}
-            t0 = time.perf_counter()
-            for key, depth in trials:
+            row = rows.get(f"{n}/{kind}")
+            done = 0 if row is None else row["trials"]
+            if row is None or row["keys"] != [k for k, _ in trials[:done]]:
+                done = 0
+                row = {"kind": kind, "correct": 0, "trials": 0, "answers": [], "keys": [],
+                       "depths": [], "tokens": []}
+            rows[f"{n}/{kind}"] = row
+            row.setdefault("commits", [None] * done)
+            row.setdefault("trial_seconds", [None] * done)
+            t0 = time.perf_counter() - row.get("seconds", 0.0)
+            for key, depth in trials[done:]:
+                t1 = time.perf_counter()
                 ids = passkey_prompt(m, n, key, depth)
                 out = m.generate(ids, max_tokens=7)
                 row["correct"] += str(key) in out.replace(" ", "")
@@ -224,6 +243,8 @@ def cmd_passkey(args):
                 row["keys"].append(key)
                 row["depths"].append(round(depth, 3))
                 row["tokens"].append(len(ids))
+                row["commits"].append(commit)
+                row["trial_seconds"].append(time.perf_counter() - t1)
                 row["seconds"] = time.perf_counter() - t0
                 # after each trial: a long run may be cut; one file per lengths and kinds
                 write(name, args, {"rows": rows})
@@ -344,6 +365,8 @@ def main():
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192])
     p.add_argument("--trials", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="passkey: start over instead of keeping the finished trials")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--kinds", nargs="+", default=list(KINDS))
     p.add_argument("--no-llama", dest="llama", action="store_false",
