@@ -299,7 +299,8 @@ def llama_turn5(prompts: dict, keep: dict, path, threads: int, repeat: int) -> d
 
     llms = {}
     for label, ids in prompts.items():
-        llm = Llama(str(path), n_ctx=4096, n_batch=512, n_threads=threads, verbose=False)
+        llm = Llama(str(path), n_ctx=4096, n_batch=512, n_threads=threads,
+                    n_threads_batch=threads, verbose=False)  # batch threads default to all
         llm.eval(ids[: keep[label]])
         llms[label] = llm
     times = {label: [] for label in prompts}
