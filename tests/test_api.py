@@ -188,6 +188,18 @@ def test_chat_tokenizes_only_the_new_turn_and_matches_whole_text(name, request):
         history += [{"role": "assistant", "content": "4."}, {"role": "user", "content": "5?"}]
 
 
+def test_chat_encoder_memory_is_bounded(smollm2):
+    from flashinfer_lite.tokenizer import SegmentedEncoder
+
+    tok = smollm2.tokenizer
+    enc = SegmentedEncoder(tok, ["<|im_start|>", "<|im_end|>"], max_chars=60)
+    assert enc.exact
+    for i in range(20):
+        text = f"<|im_start|>user\nquestion {i} " + "word " * i + "<|im_end|>\n"
+        assert enc.encode(text) == tok.encode(text)
+        assert enc._chars <= 60 and sum(map(len, enc._pieces)) == enc._chars
+
+
 def test_gemma_fallback_template():
     t = ChatTemplate.for_model(None, "gemma3")
     out = t.render([{"role": "system", "content": "Be brief."},
