@@ -6,6 +6,7 @@ reuse, f16 vs q8 vs q4, compared within one run.
     python benchmarks/bench_kv.py ppl      [--model gemma3-270m]  [--tokens 8192] [--kinds f16]
     python benchmarks/bench_kv.py passkey  [--lengths 4096 8192] [--trials 10] [--kinds q4]
     python benchmarks/bench_kv.py chat     [--model smollm2-135m] [--repeat 5] [--no-llama]
+                                           [--llama-threads 1]
 
 Each writes benchmarks/results/kv_<what>_<model>.json (ppl and passkey: one file per set of
 kinds, so kinds may run in separate processes; a kind "q4/64" is q4 with 64-token key groups).
@@ -195,27 +196,46 @@ def passkey_prompt(m, n_tokens: int, key: int, depth: float) -> list[int]:
     return m.tokenize(text)
 
 
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=RESULTS.parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def cmd_passkey(args):
+    """Trials resume: a row already in the result file keeps its finished trials (when they
+    are the same keys and depths) and only the missing ones run."""
     import flashinfer_lite as fl
 
     m = fl.load(args.model, threads=args.threads)
-    rng = random.Random(args.seed)
-    rows = {}
     name = "passkey_" + "_".join(map(str, args.lengths)) + "_" + "_".join(
         k.replace("/", "g") for k in args.kinds)
+    path = RESULTS / f"kv_{name}_{args.model}.json"
+    rows = json.loads(path.read_text())["rows"] if path.exists() and args.resume else {}
+    commit = git_commit()
     for n in args.lengths:
-        # deepest needle first: each next prompt shares the filler before its (shallower)
-        # needle with the previous one, so prefix reuse (trim) skips re-prefilling it
+        # one generator per length, so a length's trials do not depend on the other lengths
+        # asked for; deepest needle first
+        rng = random.Random(args.seed)
         trials = sorted(((rng.randint(10000, 99999), rng.uniform(0.1, 0.9))
                          for _ in range(args.trials)), key=lambda t: -t[1])
         for kind in args.kinds:
             m.kv_spec = kind_spec(kind)
             m.reset()
-            row = rows[f"{n}/{kind}"] = {"kind": kind, "correct": 0, "trials": 0,
-                                         "answers": [], "keys": [], "depths": [],
-                                         "tokens": []}
-            t0 = time.perf_counter()
-            for key, depth in trials:
+            row = rows.get(f"{n}/{kind}")
+            done = 0 if row is None else row["trials"]
+            if row is None or row["keys"] != [k for k, _ in trials[:done]]:
+                done = 0
+                row = {"kind": kind, "correct": 0, "trials": 0, "answers": [], "keys": [],
+                       "depths": [], "tokens": []}
+            rows[f"{n}/{kind}"] = row
+            row.setdefault("commits", [None] * done)
+            row.setdefault("trial_seconds", [None] * done)
+            t0 = time.perf_counter() - row.get("seconds", 0.0)
+            for key, depth in trials[done:]:
+                t1 = time.perf_counter()
                 ids = passkey_prompt(m, n, key, depth)
                 out = m.generate(ids, max_tokens=7)
                 row["correct"] += str(key) in out.replace(" ", "")
@@ -224,6 +244,8 @@ def cmd_passkey(args):
                 row["keys"].append(key)
                 row["depths"].append(round(depth, 3))
                 row["tokens"].append(len(ids))
+                row["commits"].append(commit)
+                row["trial_seconds"].append(time.perf_counter() - t1)
                 row["seconds"] = time.perf_counter() - t0
                 # after each trial: a long run may be cut; one file per lengths and kinds
                 write(name, args, {"rows": rows})
@@ -252,16 +274,21 @@ def chat_until_turn5(model: str, kind: str, threads: int, system: str):
     return m, history, turns
 
 
-def turn5_ttft(m, history, keep: int | None) -> tuple[float, int, int]:
+def turn5_ttft(m, history, keep: int | None) -> tuple[float, int, int, float]:
     """Ask turn 5 once (after trimming the cache back to `keep` positions, when given: the
-    cache as it was before turn 5's new tokens); (ttft_s, prefill tokens, history tokens)."""
+    cache as it was before turn 5's new tokens); (ttft_s, prefill tokens, history tokens,
+    call_ttft_s). ttft_s is m.stats' (from the token ids); call_ttft_s counts from the call
+    with the messages, so rendering the template and tokenizing the history are in it."""
     if keep is not None:
         for c in m._caches:
             c.trim(c.offset - keep)
         del m._cached_ids[keep:]
+    t0 = time.perf_counter()
+    call_ttft = None
     for _ in m.stream_chat(history, max_tokens=1):
-        pass
-    return m.stats["ttft_s"], m.stats["prefill_tokens"], m.stats["prompt_tokens_reused"]
+        call_ttft = call_ttft or time.perf_counter() - t0
+    return (m.stats["ttft_s"], m.stats["prefill_tokens"], m.stats["prompt_tokens_reused"],
+            call_ttft)
 
 
 def llama_turn5(prompts: dict, keep: dict, path, threads: int, repeat: int) -> dict:
@@ -272,7 +299,8 @@ def llama_turn5(prompts: dict, keep: dict, path, threads: int, repeat: int) -> d
 
     llms = {}
     for label, ids in prompts.items():
-        llm = Llama(str(path), n_ctx=4096, n_batch=512, n_threads=threads, verbose=False)
+        llm = Llama(str(path), n_ctx=4096, n_batch=512, n_threads=threads,
+                    n_threads_batch=threads, verbose=False)  # batch threads default to all
         llm.eval(ids[: keep[label]])
         llms[label] = llm
     times = {label: [] for label in prompts}
@@ -307,25 +335,32 @@ def cmd_chat(args):
                  for label, chars in (("short", 200), ("long", 8000))}
         keep = {label: None for label in chats}
         times = {label: [] for label in chats}
+        call_times = {label: [] for label in chats}
         prefilled = {}
         for _ in range(args.repeat):
             for label, (m, history, _) in chats.items():
-                t, prefilled[label], keep[label] = turn5_ttft(m, history, keep[label])
+                t, prefilled[label], keep[label], call_t = turn5_ttft(m, history, keep[label])
                 times[label].append(t)
+                call_times[label].append(call_t)
         if args.llama and "ratio_min/llama.cpp" not in rows:  # once, with the first kind
             rows.update(llama_turn5({label: list(m._cached_ids) for label, (m, _, _) in
                                      chats.items()}, keep, chats["short"][0].path,
-                                    args.threads, args.repeat))
+                                    args.llama_threads, args.repeat))
         for label, (m, _, turns) in chats.items():
             rows[f"{label}/{kind}"] = {
                 "history_tokens_turn5": keep[label], "turn5_prefill_tokens": prefilled[label],
                 "turns_1_4": turns, "ttft_turn5_all_s": times[label],
                 "ttft_turn5_min_s": min(times[label]),
-                "ttft_turn5_median_s": statistics.median(times[label])}
+                "ttft_turn5_median_s": statistics.median(times[label]),
+                "call_ttft_turn5_all_s": call_times[label],
+                "call_ttft_turn5_min_s": min(call_times[label]),
+                "call_ttft_turn5_median_s": statistics.median(call_times[label])}
             m.close()
         for stat in ("min", "median"):
-            rows[f"ratio_{stat}/{kind}"] = (rows[f"long/{kind}"][f"ttft_turn5_{stat}_s"]
-                                            / rows[f"short/{kind}"][f"ttft_turn5_{stat}_s"])
+            for what in ("ttft", "call_ttft"):
+                rows[f"{what}_ratio_{stat}/{kind}".removeprefix("ttft_")] = (
+                    rows[f"long/{kind}"][f"{what}_turn5_{stat}_s"]
+                    / rows[f"short/{kind}"][f"{what}_turn5_{stat}_s"])
         print(kind, {k: v for k, v in rows.items() if k.endswith(kind) and "ratio" in k},
               flush=True)
     write("chat", args, {"rows": rows})
@@ -344,10 +379,14 @@ def main():
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192])
     p.add_argument("--trials", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="passkey: start over instead of keeping the finished trials")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--kinds", nargs="+", default=list(KINDS))
     p.add_argument("--no-llama", dest="llama", action="store_false",
                    help="chat: skip the llama.cpp reference")
+    p.add_argument("--llama-threads", type=int, default=1,
+                   help="chat: llama.cpp's threads (2 spinning threads starve on shared cores)")
     args = p.parse_args()
     defaults = {"ppl": ("gemma3-270m", 8192), "passkey": ("gemma3-270m", None)}
     model, tokens = defaults.get(args.what, ("smollm2-135m", 4096))

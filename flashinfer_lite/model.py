@@ -45,7 +45,7 @@ from .memory import (
 from .models import build_model
 from .registry import resolve_model
 from .sampling import make_repetition_penalty, make_sampler, validate_sampling
-from .tokenizer import Tokenizer
+from .tokenizer import SegmentedEncoder, Tokenizer
 
 BACKENDS = ("auto", "numpy", "onnxruntime", "mlx")
 
@@ -184,6 +184,7 @@ class Model:
                                                     self.config.architecture)
         resolve_layer(self.filter_options, self.config)  # a bad filter_layer fails at load
         self._gemfilter = None
+        self._chat_encoder = None
         self._lock = threading.RLock()
         self._cancel = None  # the running stream's cancel event (checked between chunks)
         self._streaming = False  # an RLock lets one thread re-enter: refuse a second open stream
@@ -738,7 +739,26 @@ class Model:
                                          add_generation_prompt=add_generation_prompt)
         # A template that writes BOS itself (Gemma's) must not get a second one.
         add_bos = not (bos and text.startswith(bos))
-        return tok.encode(text, add_bos=add_bos)
+        return self.chat_encoder.encode(text, add_bos=add_bos)
+
+    @property
+    def chat_encoder(self) -> SegmentedEncoder:
+        """Tokenizes rendered chats a piece between special tokens at a time, remembering
+        the pieces: each turn tokenizes its new text, not the whole history again."""
+        if self._chat_encoder is None:
+            kinds = np.asarray(self._file.get("tokenizer.ggml.token_type", []), np.int64)
+            tok = self.tokenizer
+            probe = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                     {"role": "user", "content": "c"}]
+            try:
+                text = self.chat_template.render(probe, bos_token="", eos_token="",
+                                                 add_generation_prompt=True)
+            except Exception:  # a template that wants something else: no markers
+                text = ""
+            markers = {tok.token_text(i) for i in tok.encode(text, add_bos=False)
+                       if i < len(kinds) and kinds[i] == CONTROL_TOKEN}
+            self._chat_encoder = SegmentedEncoder(tok, sorted(markers))
+        return self._chat_encoder
 
     def stream_chat(self, messages, **kw) -> Iterator[GenerationChunk]:
         return self.stream(self.apply_chat_template(messages), **kw)

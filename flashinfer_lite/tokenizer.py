@@ -5,6 +5,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import os
+from array import array
 from pathlib import Path
 
 from .errors import InvalidModelFileError
@@ -80,3 +81,80 @@ class StreamDecoder:
 
     def flush(self) -> str:
         return self._utf8.decode(b"", final=True)
+
+
+class SegmentedEncoder:
+    """Tokenizes chat transcripts piece by piece, so a new turn costs its new text only.
+
+    The text is split at its special-token markers (<|im_start|>, <end_of_turn>, ...); each
+    piece between two markers is tokenized once and remembered (least recently used first
+    out, up to max_chars of text), each marker is its one id. llama.cpp itself splits a
+    prompt at special tokens and tokenizes the raw pieces separately, so this gives its ids;
+    `exact` checks that once on probe texts (markers with spaces and newlines around them),
+    and where it fails (a token that strips the whitespace beside it, say) every call
+    tokenizes the whole text.
+
+    Measured (SmolLM2, a 2,000-token history): the whole transcript took 14-21 ms of CPU
+    per turn before (llama.cpp's BPE); render + pieces 0.3-0.6 ms from the second turn on.
+    """
+
+    def __init__(self, tok: Tokenizer, markers, max_chars: int = 1 << 20):
+        import re
+        import threading
+        from collections import OrderedDict
+
+        self.tok = tok
+        ids = {m: tok.encode(m, add_bos=False) for m in markers}
+        self.marker_ids = {m: i[0] for m, i in ids.items() if len(i) == 1}
+        # longest first, so a marker that starts another one does not cut it
+        alternatives = sorted(self.marker_ids, key=len, reverse=True)
+        self._split = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")").split \
+            if alternatives else None
+        # piece text -> its ids (4 bytes each), at most max_chars of text remembered
+        self._pieces: OrderedDict[str, array] = OrderedDict()
+        self.max_chars, self._chars = max_chars, 0
+        self._lock = threading.Lock()  # a Model's chats may come from several threads
+        # what add_bos=True puts first: llama.cpp adds BOS only where the vocabulary says so
+        self._bos = tok.encode("", add_bos=True)
+        self.exact = self._split is not None and all(
+            self._encode(t, add_bos) == tok.encode(t, add_bos=add_bos)
+            for t in self._probes() for add_bos in (True, False))
+        self._pieces.clear()
+        self._chars = 0
+
+    def _probes(self) -> list[str]:
+        out = []
+        for m in self.marker_ids:
+            out += [f"{m}user\nHi{m}\n", f"a {m} b", f" {m}  \n\n x\n{m}{m}", f"\n{m}"]
+        return out
+
+    def _piece(self, text: str) -> array:
+        with self._lock:
+            ids = self._pieces.get(text)
+            if ids is not None:
+                self._pieces.move_to_end(text)
+                return ids
+        ids = array("i", self.tok.encode(text, add_bos=False))
+        if len(text) <= self.max_chars:
+            with self._lock:
+                if text not in self._pieces:
+                    self._pieces[text] = ids
+                    self._chars += len(text)
+                while self._chars > self.max_chars:
+                    old, _ = self._pieces.popitem(last=False)
+                    self._chars -= len(old)
+        return ids
+
+    def _encode(self, text: str, add_bos: bool) -> list[int]:
+        out = list(self._bos) if add_bos else []
+        for piece in self._split(text):
+            if piece in self.marker_ids:
+                out.append(self.marker_ids[piece])
+            elif piece:
+                out.extend(self._piece(piece))
+        return out
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        if not self.exact:
+            return self.tok.encode(text, add_bos=add_bos)
+        return self._encode(text, add_bos)

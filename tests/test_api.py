@@ -157,6 +157,49 @@ def test_chat_uses_the_gguf_template_and_reuses_history(smollm2):
     assert s["prompt_tokens_reused"] > 0.5 * s["prompt_tokens"], s
 
 
+@pytest.mark.parametrize("name", ["smollm2", "gemma3"])
+def test_chat_tokenizes_only_the_new_turn_and_matches_whole_text(name, request):
+    """apply_chat_template tokenizes a piece between special tokens at a time and remembers
+    the pieces; the ids equal llama.cpp's tokenization of the whole rendered text, also with
+    special tokens, spaces and newlines in the messages; a new turn tokenizes only new text."""
+    m = request.getfixturevalue(name)
+    enc = m.chat_encoder
+    assert enc.exact and len(enc.marker_ids) >= 1, enc.marker_ids
+    tok = m.tokenizer
+    history = [{"role": "user", "content": "Hello there.  \n"},
+               {"role": "assistant", "content": " Hi!\n\n<|im_end|> <end_of_turn>x "},
+               {"role": "user", "content": "\nWhat is 2 + 2? " * 30}]
+    bos = tok.token_text(tok.bos_id) if tok.bos_id >= 0 else ""
+    for turn in range(2):
+        text = m.chat_template.render(history, bos_token=bos,
+                                      eos_token=tok.token_text(tok.eos_id),
+                                      add_generation_prompt=True)
+        whole = tok.encode(text, add_bos=not (bos and text.startswith(bos)))
+        calls = []
+        encode = tok.encode
+        tok.encode = lambda t, calls=calls, encode=encode, **kw: (calls.append(t)
+                                                                  or encode(t, **kw))
+        try:
+            assert m.apply_chat_template(history) == whole
+        finally:
+            tok.encode = encode
+        if turn:  # only the new turn's pieces were tokenized
+            assert calls and sum(map(len, calls)) < 80, calls
+        history += [{"role": "assistant", "content": "4."}, {"role": "user", "content": "5?"}]
+
+
+def test_chat_encoder_memory_is_bounded(smollm2):
+    from flashinfer_lite.tokenizer import SegmentedEncoder
+
+    tok = smollm2.tokenizer
+    enc = SegmentedEncoder(tok, ["<|im_start|>", "<|im_end|>"], max_chars=60)
+    assert enc.exact
+    for i in range(20):
+        text = f"<|im_start|>user\nquestion {i} " + "word " * i + "<|im_end|>\n"
+        assert enc.encode(text) == tok.encode(text)
+        assert enc._chars <= 60 and sum(map(len, enc._pieces)) == enc._chars
+
+
 def test_gemma_fallback_template():
     t = ChatTemplate.for_model(None, "gemma3")
     out = t.render([{"role": "system", "content": "Be brief."},

@@ -369,6 +369,10 @@ class StandardKVCache(KVCache):
             first = int(q_pos[0] - window + 1 - k_pos[0])  # older than every query's window
             keys, values, k_pos = keys[first:], values[first:], k_pos[first:]
         if len(q_pos) > 1:
+            # a few queries (a chat turn): the backend's one-call kernel if it has one
+            out = backend.few_query_attention(q, keys, values, q_pos, k_pos, scale, window)
+            if out is not None:
+                return out
             from ..kernels.prefill_attention import float_blocks, prefill_attention
 
             blocks = float_blocks(keys, values, int(k_pos[0]))

@@ -240,6 +240,12 @@ class QuantizedKVCache(KVCache):
         if (len(q_pos) == 1 and self.n_q and self.n_r
                 and (window is None or q_pos[0] - self.first_position < window)):
             return backend.quantized_decode_attention(q, self.view(), scale)
+        # a few queries (a chat turn's new tokens): the whole cache dequantized once into one
+        # float32 array, then the backend's one-call kernel (what a float32 cache would do)
+        if len(q_pos) > 1 and backend.takes_few_queries(len(q_pos), q.shape[1], self.held):
+            keys, values = self.dequantized()
+            k_pos = np.arange(self.first_position, self.offset)
+            return backend.few_query_attention(q, keys, values, q_pos, k_pos, scale, window)
         # a chunk of queries (or a decode step with a window cut): dequantized a block at a
         # time, in position order - sinks, quantized store, residual
         from ..kernels.prefill_attention import code_blocks, float_blocks, prefill_attention
@@ -257,6 +263,23 @@ class QuantizedKVCache(KVCache):
                                         pos + self.n_q)
 
         return prefill_attention(q, q_pos, blocks(), scale, window)
+
+    def dequantized(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every held position in order (sinks, quantized store, residual) as float32
+        (held, Hkv, D) keys and values: the codes through the numba kernel of
+        kernels/prefill_attention, written in place."""
+        from ..kernels.prefill_attention import codes_into
+
+        shape = (self.held, self.n_kv_heads, self.head_dim)
+        keys, values = np.empty(shape, np.float32), np.empty(shape, np.float32)
+        s = len(self._sink_k)
+        if s:
+            keys[:s], values[:s] = self._shown_sinks()
+        if self.n_q:
+            codes_into(self.view(), keys[s : s + self.n_q], values[s : s + self.n_q])
+        keys[s + self.n_q :] = self._rk[: self.n_r]
+        values[s + self.n_q :] = self._rv[: self.n_r]
+        return keys, values
 
     @property
     def nbytes(self) -> int:

@@ -75,6 +75,17 @@ class Backend(ABC):
 
         return attention(q, k, v, q_pos, k_pos, scale, window)
 
+    def few_query_attention(self, q, k, v, q_pos, k_pos, scale, window=None):
+        """A few queries (a chat turn's new tokens) over a whole cache in one call: k, v
+        (S, Hkv, D) float16 or float32 as held, positions k_pos; (T, H * D) float32. None when
+        this backend has no such kernel or the scores would be too large: the caller then
+        goes block by block (kernels/prefill_attention)."""
+        return None
+
+    def takes_few_queries(self, t: int, n_heads: int, s: int) -> bool:
+        """Whether few_query_attention would take T queries of n_heads over S positions."""
+        return False
+
     def quantized_decode_attention(self, q, view, scale) -> np.ndarray:
         """One query (1, H, D) over every position of a QuantizedView (cache/quantized.py), no
         mask; (1, H * D). A numba kernel on the codes (kernels/quant_attention.py: at 4096

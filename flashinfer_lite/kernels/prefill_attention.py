@@ -120,6 +120,51 @@ def code_blocks(view, pos0: int):
         yield KVBlock(kf, vf, np.arange(pos0 + a, pos0 + b))
 
 
+@numba.njit(cache=True)
+def codes_to_rows(kq, ks, km, vq, vs, vm, group, vgroup, bits, table, kout, vout):
+    """Every position of a q8/q4 store -> kout, vout (N, Hkv, D) float32, position-major
+    like the store (scales and minimums as float16 bits; q4 packed as in codes_to_heads)."""
+    n, hkv = kq.shape[0], kq.shape[1]
+    d = kout.shape[2]
+    half = d // 2
+    ksr = np.empty((hkv, d), np.float32)
+    kmr = np.empty((hkv, d), np.float32)
+    row = np.empty(d, np.float32)
+    for p in range(n):
+        if p % group == 0:  # a new key group: its scales as float32
+            grp = p // group
+            for h in range(hkv):
+                for i in range(d):
+                    ksr[h, i] = table[ks[grp, h, i]]
+                    kmr[h, i] = table[km[grp, h, i]]
+        for h in range(hkv):
+            if bits == 8:
+                for i in range(d):
+                    kout[p, h, i] = np.float32(kq[p, h, i]) * ksr[h, i] + kmr[h, i]
+                    row[i] = np.float32(vq[p, h, i])
+            else:
+                for i in range(half):
+                    kout[p, h, i] = np.float32(kq[p, h, i] & 15) * ksr[h, i] + kmr[h, i]
+                    kout[p, h, i + half] = (np.float32(kq[p, h, i] >> 4) * ksr[h, i + half]
+                                            + kmr[h, i + half])
+                    row[i] = np.float32(vq[p, h, i] & 15)
+                    row[i + half] = np.float32(vq[p, h, i] >> 4)
+            for c in range(d // vgroup):
+                sc, mn = table[vs[p, h, c]], table[vm[p, h, c]]
+                for i in range(c * vgroup, (c + 1) * vgroup):
+                    vout[p, h, i] = row[i] * sc + mn
+
+
+def codes_into(view, keys: np.ndarray, values: np.ndarray) -> None:
+    """The quantized part of a QuantizedView -> keys, values (N, Hkv, D) float32 (contiguous),
+    written in place."""
+    ks, km, vs, vm = (np.ascontiguousarray(x, np.float16).view(np.uint16)
+                      for x in (view.ks, view.km, view.vs, view.vm))
+    kq, vq = np.ascontiguousarray(view.kq), np.ascontiguousarray(view.vq)
+    codes_to_rows(kq, ks, km, vq, vs, vm, view.group, view.vgroup, view.bits, half_table(),
+                  keys, values)
+
+
 def prefill_attention(q: np.ndarray, q_pos: np.ndarray, blocks, scale: float,
                       window: int | None) -> np.ndarray:
     """q (T, H, D) at positions q_pos over KVBlocks in position order -> (T, H * D)."""
