@@ -319,7 +319,9 @@ class Model:
                                     cold_skip_fraction=cold_skip_fraction,
                                     coalesce_gap=coalesce_gap, window=window, mode=mode,
                                     threads=max(4, self.threads * 2), direct=direct_io,
-                                    compute_threads=self.threads,
+                                    # 1: splitting a row's neurons over 2 threads halved the
+                                    # kernel alone but not the pipeline (flash/ffn.py)
+                                    compute_threads=1,
                                     prefetch=self._prefetch)
         except ValueError as exc:
             raise InvalidArgumentError(str(exc)) from None
