@@ -6,7 +6,6 @@ almost nothing and a row of the embedding can be read without touching the rest.
 
 from __future__ import annotations
 
-import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType
 
 from ..errors import InvalidModelFileError, ModelNotFoundError, UnsupportedModelError
+from ..memory import release_mapped_pages
 from .quant_grid import SUPPORTED_TYPES
 
 GGUF_MAGIC = b"GGUF"
@@ -183,9 +183,8 @@ class GGUFFile:
         """Drop the file's pages from this process's resident set (they stay in the page cache,
         and fault back in on the next read): after weights are copied into a backend, the
         mapping is only read for embedding rows."""
-        mm = getattr(self._reader.data, "_mmap", None) if self._reader is not None else None
-        if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
-            mm.madvise(mmap.MADV_DONTNEED)
+        if self._reader is not None:
+            release_mapped_pages(self._reader.data)
 
     def close(self) -> None:
         """Drop the reader's mapping (the OS unmaps it once no view is left)."""
