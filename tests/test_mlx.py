@@ -109,8 +109,10 @@ def test_quantized_kv_cache_stays_on_host(smollm2_path, smollm2_numpy):
 @pytest.mark.parametrize("layer", [0, 5])  # a sliding-window layer, a global one
 def test_gemma3_attention_core_on_the_device(gemma3_file, layer):
     """Gemma 3's core (q/k norms, neox RoPE with two bases, sliding window shrunk to 6) on the
-    device cache against the numpy core, through prefill chunks and single decode steps."""
-    from flashinfer_lite.cache.kv import KVSpec, make_kv_cache
+    device cache against the numpy core, through prefill chunks and single decode steps, past
+    the point where the sliding layer's device cache drops its oldest positions, then through
+    a small trim (exact) and a trim into dropped positions (both caches start over)."""
+    from flashinfer_lite.cache.kv import EVICT_STEP, WINDOW_SLACK, KVSpec, make_kv_cache
     from flashinfer_lite.config import ModelConfig
     from flashinfer_lite.kernels.mlx_attention import MlxAttentionCore, MlxKVCache
     from flashinfer_lite.kernels.mlx_backend import MlxBackend
@@ -125,18 +127,32 @@ def test_gemma3_attention_core_on_the_device(gemma3_file, layer):
     window = 6 if ref_core.window is not None else None
     ref_core.window = core.window = window
     ref_cache = make_kv_cache(KVSpec("f16"), cfg.n_kv_heads, cfg.head_dim, sliding_window=window)
-    cache = MlxKVCache(cfg.n_kv_heads, cfg.head_dim, mx)
+    cache = MlxKVCache(cfg.n_kv_heads, cfg.head_dim, mx, window=window)
     rng = np.random.default_rng(layer)
-    offset = 0
-    for t in (4, 4, 1, 3, 1, 1):
+
+    def step(t):
         q, k, v = (rng.standard_normal((t, n * cfg.head_dim)).astype(np.float32)
                    for n in (cfg.n_heads, cfg.n_kv_heads, cfg.n_kv_heads))
-        pos = np.arange(offset, offset + t)
+        pos = np.arange(cache.offset, cache.offset + t)
         ref = ref_core(q, k, v, ref_cache, pos)
         got = np.array(core(mx.array(q), mx.array(k), mx.array(v), cache, pos))
         np.testing.assert_allclose(got, ref, atol=2e-2, rtol=0)
-        offset += t
-    assert cache.offset == offset
+        assert cache.offset == ref_cache.offset == pos[-1] + 1
+
+    for t in (4, 4, 1, 3, 1, 1, 100, 100, 1, 60, 1):
+        step(t)
+    if window is None:
+        assert cache.first_position == 0 and cache.held == cache.offset == 276
+    else:  # 276 positions: one step of EVICT_STEP dropped, at most keep + a step + a chunk held
+        assert cache.first_position == EVICT_STEP
+        assert cache.held <= window - 1 + WINDOW_SLACK + EVICT_STEP
+        assert cache.bytes_at(10_000, 100) == cache.bytes_at(20_000, 100)
+    assert cache.trim(2) == ref_cache.trim(2) == 2
+    step(1)
+    if window is not None:  # back past the window's first held position: start over
+        assert cache.trim(200) == ref_cache.trim(200) == 275  # everything dropped
+        assert cache.offset == ref_cache.offset == 0 and cache.nbytes == 0
+        step(3)
 
 
 def test_flash_ffn_on_the_device_matches_the_cpu_one(smollm2_path, smollm2_numpy):

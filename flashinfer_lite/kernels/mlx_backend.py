@@ -267,4 +267,6 @@ class MlxBackend(Backend):
         if not device_cache_supports(spec):  # q8/q4/bounded caches stay on the host (numpy)
             return super().make_kv_caches(spec, n_layers, n_kv_heads, head_dim,
                                           sliding_windows, rope_shifts)
-        return [MlxKVCache(n_kv_heads, head_dim, self.mx) for _ in range(n_layers)]
+        windows = sliding_windows or [None] * n_layers
+        return [MlxKVCache(n_kv_heads, head_dim, self.mx, window=windows[i])
+                for i in range(n_layers)]
