@@ -214,3 +214,37 @@ def test_prefetch_reads_ahead_without_changing_results(flash_dir):
     assert s["prefetch_bytes_read"] > 0 and 0 < s["prefetch_hit_rate"] <= 1
     assert s["flash_bytes_read"] > s["prefetch_bytes_read"]
     assert off.stats["prefetch_bytes_read"] == 0
+
+
+def test_conversion_key_follows_content_not_mtime(tmp_path):
+    """The flash cache key survives a copy with a new modification time (a reinstalled model
+    package) and changes with the content; stale conversions under the old mtime keys of
+    the same model are removed, other models' and content-keyed entries are not."""
+    import os
+    import shutil
+
+    from flashinfer_lite.flash.convert import FINGERPRINT_BYTES, _remove_legacy, fingerprint
+
+    rng = np.random.default_rng(0)
+    a = tmp_path / "model.gguf"
+    a.write_bytes(rng.integers(0, 256, 3 * FINGERPRINT_BYTES, dtype=np.uint8).tobytes())
+    b = tmp_path / "copy" / "model.gguf"
+    b.parent.mkdir()
+    shutil.copyfile(a, b)
+    os.utime(b, ns=(1, 1))
+    assert fingerprint(a) == fingerprint(b)
+    data = bytearray(b.read_bytes())
+    data[-1] ^= 1  # the last byte: the tail is in the key
+    b.write_bytes(bytes(data))
+    assert fingerprint(a) != fingerprint(b)
+    assert fingerprint(a).startswith(f"{3 * FINGERPRINT_BYTES}-h")
+
+    flash = tmp_path / "flash"
+    names = ["model-98362432-1795668471272128218", "model-98362432-1795687043560689960-v2",
+             "model-98362432-h0123456789abcdef-v2", "model-98362432-h00112233aabbccdd-v3",
+             "other-98362432-1795668471272128218-v2", "model-x-1-v2"]
+    for n in names:
+        (flash / n).mkdir(parents=True)
+    out = flash / "model-98362432-h00112233aabbccdd-v3"
+    _remove_legacy(out, "model")
+    assert sorted(d.name for d in flash.iterdir()) == sorted(names[2:])

@@ -19,14 +19,45 @@ def progress_line(step: int, total: int, what: str) -> None:
           file=sys.stderr, flush=True)
 
 
+FINGERPRINT_BYTES = 1 << 20  # read from each end of the GGUF for its cache key
+
+
+def fingerprint(gguf_path: Path) -> str:
+    """A key for the file's content that a copy, a reinstall or a touch keeps: the size and a
+    hash of its first and last MiB (the header, the metadata, and weights at the end). The
+    modification time, the key before, changed with every reinstall of a model package, so
+    each left a stale conversion of up to ~220 MB behind."""
+    import hashlib
+
+    path = Path(gguf_path)
+    size = path.stat().st_size
+    h = hashlib.blake2b(digest_size=8)
+    with open(path, "rb") as fh:
+        h.update(fh.read(FINGERPRINT_BYTES))
+        fh.seek(max(0, size - FINGERPRINT_BYTES))
+        h.update(fh.read(FINGERPRINT_BYTES))
+    return f"{size}-h{h.hexdigest()}"
+
+
+def _remove_legacy(out: Path, stem: str) -> None:
+    """Drop conversions of this model under the old modification-time keys
+    (STEM-SIZE-MTIME[-vN]): no current build reads them. Entries under content keys stay."""
+    import re
+    import shutil
+
+    legacy = re.compile(re.escape(stem) + r"-\d+-\d+(-v\d+)?")
+    for d in out.parent.iterdir():
+        if d != out and d.is_dir() and legacy.fullmatch(d.name):
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def ensure_converted(gguf_path: Path, progress=progress_line) -> Path:
     """The flash directory for gguf_path, converting it the first time."""
     from ..loaders.flash_format import VERSION
 
-    st = Path(gguf_path).stat()
+    stem = Path(gguf_path).stem
     # the format version is in the name: builds of different versions never fight over a dir
-    out = (cache_dir() / "flash"
-           / f"{Path(gguf_path).stem}-{st.st_size}-{st.st_mtime_ns}-v{VERSION}")
+    out = cache_dir() / "flash" / f"{stem}-{fingerprint(gguf_path)}-v{VERSION}"
     if (out / "manifest.json").exists():
         import json
 
@@ -39,4 +70,6 @@ def ensure_converted(gguf_path: Path, progress=progress_line) -> Path:
     if progress is progress_line:  # an app's own callback shows progress its own way
         print(f"flashinfer-lite: converting {Path(gguf_path).name} to the flash format in {out} "
               "(once) ...", file=sys.stderr, flush=True)
-    return convert(gguf_path, out, calibrate, progress=progress, force=True)
+    done = convert(gguf_path, out, calibrate, progress=progress, force=True)
+    _remove_legacy(out, stem)
+    return done
