@@ -198,23 +198,25 @@ def _session_options(threads: int):
     return opts
 
 
-class DecodeAttention:
-    """One query position against a float16/float32 cache, in ORT.
+class _AttentionGraphs:
+    """ORT sessions for attention over a float16/float32 cache, shared by DecodeAttention and
+    FewQueryAttention: one graph, with or without an additive mask, per cache dtype.
 
-    numpy converts float16 one element at a time (~2.5 ns each here); ORT's Cast is vectorized:
-    measured 78 us vs 254 us at 320 cached positions, 395 vs 1537 us at 2048 (SmolLM2 heads).
-    One session per (dtype, KV heads, group, head dim) serves every layer.
+    q (Hkv, R, D) float32, already scaled, rows ordered (group, query); k, v (S, Hkv, D) as
+    the cache holds them; mask (R, S): 0 where visible, -inf elsewhere -> o (Hkv, R, D).
+    Cast, scores, [mask], Softmax, values in one call: ORT's Cast is vectorized (numpy
+    converts float16 one element at a time, ~2.5 ns each here) and it runs on ORT's own pool.
     """
 
     def __init__(self, threads: int):
         self.threads = threads
         self._sessions = {}
 
-    def _session(self, dtype, hkv, g, d):
+    def session(self, dtype, masked: bool):
         import onnxruntime as ort
         from onnx import TensorProto, helper
 
-        key = (np.dtype(dtype).str, hkv, g, d)
+        key = (np.dtype(dtype).str, masked)
         if key in self._sessions:
             return self._sessions[key]
         elem = TensorProto.FLOAT16 if np.dtype(dtype) == np.float16 else TensorProto.FLOAT
@@ -224,39 +226,47 @@ class DecodeAttention:
             n("Cast", ["v"], ["vf"], to=TensorProto.FLOAT),
             n("Transpose", ["kf"], ["kt"], perm=[1, 2, 0]),  # (S, Hkv, D) -> (Hkv, D, S)
             n("Transpose", ["vf"], ["vt"], perm=[1, 0, 2]),  # (S, Hkv, D) -> (Hkv, S, D)
-            n("MatMul", ["q", "kt"], ["s"]),  # (Hkv, G, D) @ (Hkv, D, S) -> (Hkv, G, S)
-            n("Mul", ["s", "scale"], ["s2"]),
-            n("Softmax", ["s2"], ["p"], axis=-1),
-            n("MatMul", ["p", "vt"], ["o"]),  # (Hkv, G, S) @ (Hkv, S, D) -> (Hkv, G, D)
+            n("MatMul", ["q", "kt"], ["s"]),  # (Hkv, R, D) @ (Hkv, D, S) -> (Hkv, R, S)
+            n("Softmax", ["sm" if masked else "s"], ["p"], axis=-1),
+            n("MatMul", ["p", "vt"], ["o"]),  # (Hkv, R, S) @ (Hkv, S, D) -> (Hkv, R, D)
         ]
         vi = helper.make_tensor_value_info
-        graph = helper.make_graph(
-            nodes, "decode_attention",
-            [vi("q", TensorProto.FLOAT, [hkv, g, d]), vi("k", elem, [None, hkv, d]),
-             vi("v", elem, [None, hkv, d]), vi("scale", TensorProto.FLOAT, [])],
-            [vi("o", TensorProto.FLOAT, None)])
+        inputs = [vi("q", TensorProto.FLOAT, [None, None, None]),
+                  vi("k", elem, [None, None, None]), vi("v", elem, [None, None, None])]
+        if masked:
+            nodes.insert(5, n("Add", ["s", "mask"], ["sm"]))  # (Hkv, R, S) + (R, S)
+            inputs.append(vi("mask", TensorProto.FLOAT, [None, None]))
+        graph = helper.make_graph(nodes, "attention", inputs, [vi("o", TensorProto.FLOAT, None)])
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
         sess = ort.InferenceSession(model.SerializeToString(), _session_options(self.threads),
                                     providers=["CPUExecutionProvider"])
         self._sessions[key] = sess
         return sess
 
+
+class DecodeAttention:
+    """One query position against a whole float16/float32 cache, in ORT (no mask: it sees
+    every held key). Against numpy's element-wise float16 conversion: 78 vs 254 us at 320
+    cached positions, 395 vs 1537 us at 2048 (SmolLM2 heads)."""
+
+    def __init__(self, graphs: _AttentionGraphs):
+        self.graphs = graphs
+
     def __call__(self, q, k, v, scale):
         _, h, d = q.shape
         hkv = k.shape[1]
-        sess = self._session(k.dtype, hkv, h // hkv, d)
-        out = sess.run(["o"], {"q": q.reshape(hkv, h // hkv, d),  # (1, H, D) -> (Hkv, G, D)
-                               "k": np.ascontiguousarray(k), "v": np.ascontiguousarray(v),
-                               "scale": np.array(scale, np.float32)})[0]
+        qg = q.reshape(hkv, h // hkv, d) * np.float32(scale)  # (1, H, D) -> (Hkv, G, D)
+        out = self.graphs.session(k.dtype, masked=False).run(["o"], {
+            "q": qg, "k": np.ascontiguousarray(k), "v": np.ascontiguousarray(v)})[0]
         return out.reshape(1, h * d)
 
 
 class FewQueryAttention:
     """A few queries (T <= MAX_T: a chat turn's new tokens, the end of a prompt) against a whole
-    float16/float32 cache, in ORT, as one graph: Cast, scores, additive causal mask, Softmax,
-    values. It runs on ORT's own pool: both cores, vectorized casts and exp, and no fight with
-    ORT's spinning threads (kernels/prefill_attention's numba + one-thread BLAS path, which
-    stays for long chunks, leaves the second core to spin).
+    float16/float32 cache, in ORT, as one graph with an additive causal mask. It runs on ORT's
+    own pool: both cores, vectorized casts and exp, and no fight with ORT's spinning threads
+    (kernels/prefill_attention's numba + one-thread BLAS path, which stays for long chunks,
+    leaves the second core to spin).
 
     Measured (SmolLM2 heads, 19 queries over 2,000 float16 positions, 2 shared cores): ~2 ms
     per layer against ~3.5-4 ms block by block. The scores (Hkv, G*T, S) float32 exist whole,
@@ -266,43 +276,11 @@ class FewQueryAttention:
     MAX_T = 64
     MAX_SCORES = 1 << 22  # T * H * S: 16 MB of float32 scores (and as much for their softmax)
 
-    def __init__(self, threads: int):
-        self.threads = threads
-        self._sessions = {}
+    def __init__(self, graphs: _AttentionGraphs):
+        self.graphs = graphs
 
     def takes(self, t: int, n_heads: int, s: int) -> bool:
         return 1 < t <= self.MAX_T and t * n_heads * s <= self.MAX_SCORES
-
-    def _session(self, dtype):
-        import onnxruntime as ort
-        from onnx import TensorProto, helper
-
-        key = np.dtype(dtype).str
-        if key in self._sessions:
-            return self._sessions[key]
-        elem = TensorProto.FLOAT16 if np.dtype(dtype) == np.float16 else TensorProto.FLOAT
-        n = helper.make_node
-        nodes = [
-            n("Cast", ["k"], ["kf"], to=TensorProto.FLOAT),
-            n("Cast", ["v"], ["vf"], to=TensorProto.FLOAT),
-            n("Transpose", ["kf"], ["kt"], perm=[1, 2, 0]),  # (S, Hkv, D) -> (Hkv, D, S)
-            n("Transpose", ["vf"], ["vt"], perm=[1, 0, 2]),  # (S, Hkv, D) -> (Hkv, S, D)
-            n("MatMul", ["q", "kt"], ["s"]),  # (Hkv, G*T, D) @ (Hkv, D, S) -> (Hkv, G*T, S)
-            n("Add", ["s", "mask"], ["sm"]),  # (G*T, S): 0 where visible, -inf elsewhere
-            n("Softmax", ["sm"], ["p"], axis=-1),
-            n("MatMul", ["p", "vt"], ["o"]),  # (Hkv, G*T, S) @ (Hkv, S, D) -> (Hkv, G*T, D)
-        ]
-        vi = helper.make_tensor_value_info
-        graph = helper.make_graph(
-            nodes, "few_query_attention",
-            [vi("q", TensorProto.FLOAT, [None, None, None]), vi("k", elem, [None, None, None]),
-             vi("v", elem, [None, None, None]), vi("mask", TensorProto.FLOAT, [None, None])],
-            [vi("o", TensorProto.FLOAT, None)])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-        sess = ort.InferenceSession(model.SerializeToString(), _session_options(self.threads),
-                                    providers=["CPUExecutionProvider"])
-        self._sessions[key] = sess
-        return sess
 
     def __call__(self, q, k, v, q_pos, k_pos, scale, window):
         t, h, d = q.shape
@@ -314,7 +292,7 @@ class FewQueryAttention:
         if window is not None:
             visible &= (q_pos[:, None] - k_pos[None, :]) < window
         mask = np.where(visible, np.float32(0), np.float32(-np.inf))
-        out = self._session(k.dtype).run(["o"], {
+        out = self.graphs.session(k.dtype, masked=True).run(["o"], {
             "q": qg, "k": np.ascontiguousarray(k), "v": np.ascontiguousarray(v),
             "mask": np.tile(mask, (g, 1))})[0]
         return out.reshape(hkv, g, t, d).transpose(2, 0, 1, 3).reshape(t, h * d)
@@ -327,8 +305,9 @@ class OnnxRuntimeBackend(Backend):
         # accuracy_level 4: int8 activations, as in llama.cpp's q8 dot products (3.5x faster
         # than float here); 0 computes in float32 (used by tests to check the weight layout).
         self.threads, self.accuracy_level = threads, accuracy_level
-        self._decode_attention = DecodeAttention(threads)
-        self._few_query_attention = FewQueryAttention(threads)
+        graphs = _AttentionGraphs(threads)
+        self._decode_attention = DecodeAttention(graphs)
+        self._few_query_attention = FewQueryAttention(graphs)
 
     def warm(self) -> None:
         """Create ONNX Runtime's process-wide state now (its environment, kernel registries,
