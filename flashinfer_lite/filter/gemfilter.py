@@ -184,16 +184,16 @@ class GemFilter:
         caches = self.make_caches()  # only layers < `layer` are written
         # layer r's rotated keys, float16: 16 MB for Gemma 3 at 32k tokens
         keys = np.empty((n, c.n_kv_heads, c.head_dim), np.float16)  # (N, Hkv, D)
-        q_last = None
         host = self.net.backend.to_host
+        core = self.net.cores[layer]
         for s in range(0, n, self.chunk):
             part = ids[s : s + self.chunk]
             q, k, _ = self.net.forward(part, caches, stop_at=layer)
-            q, k = host(q), host(k)  # a device backend's (MLX) arrays -> numpy
-            positions = np.arange(s, s + len(part))
-            q, k = self.net.cores[layer].rotate(q, k, positions)  # (T, H, D), (T, Hkv, D)
-            keys[s : s + len(part)] = k
-            q_last = q[-1]
+            k = host(k)  # a device backend's (MLX) array -> numpy
+            keys[s : s + len(part)] = core.rotate_keys(k, np.arange(s, s + len(part)))
+        # only the last query scores: its q alone is copied back and rotated
+        q_last, _ = core.rotate(host(q[-1:]), k[-1:], np.array([n - 1]))  # (1, H, D)
+        q_last = q_last[0]
         self.last_pass1_bytes = keys.nbytes + sum(c.nbytes for c in caches)
         del caches
         # sum over heads of q_h . k_{kv(h)} = (sum of a KV group's queries) . k_kv

@@ -98,6 +98,16 @@ class AttentionCore:
         qk = apply_rope(np.concatenate([q, k], axis=1), cos, sin, c.rope_type)  # (T, H+Hkv, D)
         return qk[:, : c.n_heads], qk[:, c.n_heads :]
 
+    def rotate_keys(self, k, positions: np.ndarray) -> np.ndarray:
+        """Projected k (T, Hkv*D) -> (T, Hkv, D) after the k norm and RoPE: rotate's keys alone
+        (the token filter scores every key but only the last query)."""
+        c = self.cfg
+        k = k.reshape(len(k), c.n_kv_heads, c.head_dim)  # (T, Hkv, D)
+        if self.k_norm is not None:
+            k = rms_norm(k, self.k_norm, c.norm_eps)
+        cos, sin = self._rope(positions)
+        return apply_rope(k, cos, sin, c.rope_type)
+
     def __call__(self, q, k, v, cache: KVCache, positions: np.ndarray) -> np.ndarray:
         c = self.cfg
         q, k = self.rotate(q, k, positions)
