@@ -34,6 +34,58 @@ def f16_table() -> np.ndarray:
 def half(raw, s, o, table):
     return table[np.int64(raw[s, o]) | (np.int64(raw[s, o + 1]) << 8)]
 
+
+@numba.njit(fastmath=True, cache=True, nogil=True, inline="always")
+def raw_up_dot(raw, s, kind, up_blocks, x, x_sum, t, table):
+    """Bundle s's up row . x[t], its GGUF blocks decoded as they are read."""
+    u = np.float32(0.0)
+    for b in range(up_blocks):
+        xb = b * 32
+        acc = np.float32(0.0)
+        if kind == 0:  # Q4_0: d, qs[16]; w = d * (q - 8)
+            o = b * 18
+            for i in range(16):
+                q = raw[s, o + 2 + i]
+                acc += np.float32(q & 15) * x[t, xb + i] + \
+                    np.float32(q >> 4) * x[t, xb + 16 + i]
+            u += half(raw, s, o, table) * (acc - 8.0 * x_sum[t, b])
+        elif kind == 1:  # Q4_1: d, m, qs[16]; w = d * q + m
+            o = b * 20
+            for i in range(16):
+                q = raw[s, o + 4 + i]
+                acc += np.float32(q & 15) * x[t, xb + i] + \
+                    np.float32(q >> 4) * x[t, xb + 16 + i]
+            u += half(raw, s, o, table) * acc + half(raw, s, o + 2, table) * \
+                x_sum[t, b]
+        elif kind == 2:  # Q5_0: d, qh (u32), qs[16]; w = d * (q5 - 16)
+            o = b * 22
+            qh = np.int64(raw[s, o + 2]) | (np.int64(raw[s, o + 3]) << 8) | \
+                (np.int64(raw[s, o + 4]) << 16) | (np.int64(raw[s, o + 5]) << 24)
+            for i in range(16):
+                q = np.int64(raw[s, o + 6 + i])
+                lo = (q & 15) | (((qh >> i) & 1) << 4)
+                hi = (q >> 4) | (((qh >> (i + 16)) & 1) << 4)
+                acc += np.float32(lo) * x[t, xb + i] + \
+                    np.float32(hi) * x[t, xb + 16 + i]
+            u += half(raw, s, o, table) * (acc - 16.0 * x_sum[t, b])
+        else:  # Q8_0: d, int8[32]
+            o = b * 34
+            for i in range(32):
+                acc += np.float32(np.int8(raw[s, o + 2 + i])) * x[t, xb + i]
+            u += half(raw, s, o, table) * acc
+    return u
+
+
+@numba.njit(fastmath=True, cache=True, nogil=True, inline="always")
+def add_raw_down_column(y, a, raw, s, down_off, d_blocks, table):
+    """y += a * bundle s's down column: Q8_0 blocks (float16 scale, int8[32]) at down_off."""
+    for b in range(d_blocks):
+        o = down_off + b * 34
+        sc = a * half(raw, s, o, table)
+        for i in range(32):
+            y[b * 32 + i] += sc * np.float32(np.int8(raw[s, o + 2 + i]))
+
+
 @numba.njit(fastmath=True, cache=True, nogil=True)
 def ffn_raw(x, x_sum, slots, coef, counts, raw, kind, up_blocks, down_off, d_blocks,
             table, out, c):
@@ -44,47 +96,8 @@ def ffn_raw(x, x_sum, slots, coef, counts, raw, kind, up_blocks, down_off, d_blo
         y = out[c, t]
         for j in range(counts[t] * c // chunks, counts[t] * (c + 1) // chunks):
             s = slots[t, j]
-            u = np.float32(0.0)
-            for b in range(up_blocks):
-                xb = b * 32
-                acc = np.float32(0.0)
-                if kind == 0:  # Q4_0: d, qs[16]; w = d * (q - 8)
-                    o = b * 18
-                    for i in range(16):
-                        q = raw[s, o + 2 + i]
-                        acc += np.float32(q & 15) * x[t, xb + i] + \
-                            np.float32(q >> 4) * x[t, xb + 16 + i]
-                    u += half(raw, s, o, table) * (acc - 8.0 * x_sum[t, b])
-                elif kind == 1:  # Q4_1: d, m, qs[16]; w = d * q + m
-                    o = b * 20
-                    for i in range(16):
-                        q = raw[s, o + 4 + i]
-                        acc += np.float32(q & 15) * x[t, xb + i] + \
-                            np.float32(q >> 4) * x[t, xb + 16 + i]
-                    u += half(raw, s, o, table) * acc + half(raw, s, o + 2, table) * \
-                        x_sum[t, b]
-                elif kind == 2:  # Q5_0: d, qh (u32), qs[16]; w = d * (q5 - 16)
-                    o = b * 22
-                    qh = np.int64(raw[s, o + 2]) | (np.int64(raw[s, o + 3]) << 8) | \
-                        (np.int64(raw[s, o + 4]) << 16) | (np.int64(raw[s, o + 5]) << 24)
-                    for i in range(16):
-                        q = np.int64(raw[s, o + 6 + i])
-                        lo = (q & 15) | (((qh >> i) & 1) << 4)
-                        hi = (q >> 4) | (((qh >> (i + 16)) & 1) << 4)
-                        acc += np.float32(lo) * x[t, xb + i] + \
-                            np.float32(hi) * x[t, xb + 16 + i]
-                    u += half(raw, s, o, table) * (acc - 16.0 * x_sum[t, b])
-                else:  # Q8_0: d, int8[32]
-                    o = b * 34
-                    for i in range(32):
-                        acc += np.float32(np.int8(raw[s, o + 2 + i])) * x[t, xb + i]
-                    u += half(raw, s, o, table) * acc
-            a = coef[t, j] * u
-            for b in range(d_blocks):
-                o = down_off + b * 34
-                sc = a * half(raw, s, o, table)
-                for i in range(32):
-                    y[b * 32 + i] += sc * np.float32(np.int8(raw[s, o + 2 + i]))
+            u = raw_up_dot(raw, s, kind, up_blocks, x, x_sum, t, table)
+            add_raw_down_column(y, coef[t, j] * u, raw, s, down_off, d_blocks, table)
 
 
 @numba.njit(cache=True, nogil=True)

@@ -34,6 +34,21 @@ def h2f(h):
         out[i] = bits
     return out.view(np.float32).reshape(h.shape)
 
+
+@numba.njit(cache=True, fastmath=True, inline="always")
+def unpack_codes(codes, n, h, bits, d, row):
+    """row (D,) = position n, KV head h of codes (N, Hkv, W) as float32: q8 one byte per
+    channel, q4 channel i in the low nibble of byte i and channel i + D/2 in the high one."""
+    if bits == 8:
+        for i in range(d):
+            row[i] = np.float32(codes[n, h, i])
+    else:
+        half = d // 2
+        for i in range(half):
+            row[i] = np.float32(codes[n, h, i] & 15)
+            row[i + half] = np.float32(codes[n, h, i] >> 4)
+
+
 @numba.njit(cache=True, fastmath=True)
 def decode(q, kq, ks, km, vq, vs, vm, fk, fv, group, vgroup, bits):
     """q (Hkv, G, D) float32, already times the softmax scale; kq, vq (N, Hkv, W) uint8;
@@ -42,7 +57,6 @@ def decode(q, kq, ks, km, vq, vs, vm, fk, fv, group, vgroup, bits):
     n_q, hkv, _ = kq.shape
     g, d = q.shape[1], q.shape[2]
     r = fk.shape[0]
-    half = d // 2
     n_groups = n_q // group
     ksf, kmf, vsf, vmf = h2f(ks), h2f(km), h2f(vs), h2f(vm)
     fkf, fvf = h2f(fk), h2f(fv)
@@ -61,13 +75,7 @@ def decode(q, kq, ks, km, vq, vs, vm, fk, fv, group, vgroup, bits):
                 for n in range(b * group, (b + 1) * group):
                     p[h, j, n] = acc
             for n in range(b * group, (b + 1) * group):
-                if bits == 8:
-                    for i in range(d):
-                        row[i] = np.float32(kq[n, h, i])
-                else:
-                    for i in range(half):
-                        row[i] = np.float32(kq[n, h, i] & 15)
-                        row[i + half] = np.float32(kq[n, h, i] >> 4)
+                unpack_codes(kq, n, h, bits, d, row)
                 for j in range(g):
                     acc = np.float32(0)
                     for i in range(d):
@@ -99,13 +107,7 @@ def decode(q, kq, ks, km, vq, vs, vm, fk, fv, group, vgroup, bits):
         row = np.empty(d, np.float32)
         for n in range(lo_n, hi_n):
             for h in range(hkv):
-                if bits == 8:
-                    for i in range(d):
-                        row[i] = np.float32(vq[n, h, i])
-                else:
-                    for i in range(half):
-                        row[i] = np.float32(vq[n, h, i] & 15)
-                        row[i + half] = np.float32(vq[n, h, i] >> 4)
+                unpack_codes(vq, n, h, bits, d, row)
                 for c in range(cn):
                     sc, mn = vsf[n, h, c], vmf[n, h, c]
                     for i in range(c * vgroup, (c + 1) * vgroup):
