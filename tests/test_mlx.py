@@ -196,3 +196,22 @@ def test_auto_picks_mlx_only_with_a_gpu():
     from flashinfer_lite.model import make_backend
 
     assert make_backend("auto", 1).name == ("mlx" if mlx_gpu_available() else "onnxruntime")
+
+
+def test_windowed_device_cache_state_round_trip():
+    """A sliding-window device cache that has dropped positions saves and restores exactly:
+    the same held keys and values, the same first position and offset (prompt-cache files)."""
+    from flashinfer_lite.kernels.mlx_attention import MlxKVCache
+
+    rng = np.random.default_rng(3)
+    cache = MlxKVCache(2, 8, mx, window=6)
+    for t in (100, 100, 100, 7):
+        k, v = (mx.array(rng.standard_normal((1, 2, t, 8)).astype(np.float32)) for _ in range(2))
+        cache.update(k, v)
+    assert cache.offset == 307 and cache.first_position > 0
+    state = cache.state
+    back = MlxKVCache(2, 8, mx, window=6)
+    back.state = state
+    assert (back.offset, back.first_position) == (cache.offset, cache.first_position)
+    for a, b in zip(back.fetch(), cache.fetch(), strict=True):
+        np.testing.assert_array_equal(np.array(a), np.array(b))
