@@ -27,7 +27,7 @@ class MlxKVCache:
     window: a sliding-window layer (Gemma 3's local layers) keeps only the last window - 1
     positions plus WINDOW_SLACK, dropping the oldest in whole EVICT_STEPs, like the host cache
     (cache/kv.py): the model masks anything older, so this is exact. Unbounded, Gemma 3's 15
-    local layers held 15 KB per token of a 32k prompt (440 MB) to attend to 512 of them."""
+    local layers held 15 KB per token of a 32k prompt (~470 MB) to attend to 512 of them."""
 
     STEP = 256
 
