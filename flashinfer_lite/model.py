@@ -7,6 +7,7 @@ keeps one KVState per conversation and swaps it in with swap_cache.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -615,13 +616,19 @@ class Model:
     def gemfilter(self) -> GemFilter:
         """The GemFilter of this model (built on first use: it reads the token types)."""
         if self._gemfilter is None:
-            kinds = np.asarray(self._file.get("tokenizer.ggml.token_type", []), np.int64)
-            is_control = np.zeros(self.config.vocab_size, bool)
-            is_control[: len(kinds)] = kinds[: self.config.vocab_size] == CONTROL_TOKEN
-            self._gemfilter = GemFilter(self._net, self.config, is_control,
+            self._gemfilter = GemFilter(self._net, self.config, self.control_tokens,
                                         self.tokenizer.token_text, self._make_caches,
                                         self.prefill_chunk)
         return self._gemfilter
+
+    @functools.cached_property
+    def control_tokens(self) -> np.ndarray:
+        """(vocab,) bool: the vocabulary's control tokens (<bos>, <start_of_turn>, ...), from
+        the GGUF's token types (read once: 262k of them for Gemma 3)."""
+        kinds = np.asarray(self._file.get("tokenizer.ggml.token_type", []), np.int64)
+        is_control = np.zeros(self.config.vocab_size, bool)
+        is_control[: len(kinds)] = kinds[: self.config.vocab_size] == CONTROL_TOKEN
+        return is_control
 
     def _stream(self, ids, max_tokens, sampler, processors, stops, cancel=None, options=None):
         with self._lock:
@@ -748,8 +755,7 @@ class Model:
         """Tokenizes rendered chats a piece between special tokens at a time, remembering
         the pieces: each turn tokenizes its new text, not the whole history again."""
         if self._chat_encoder is None:
-            kinds = np.asarray(self._file.get("tokenizer.ggml.token_type", []), np.int64)
-            tok = self.tokenizer
+            tok, is_control = self.tokenizer, self.control_tokens
             probe = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
                      {"role": "user", "content": "c"}]
             try:
@@ -758,7 +764,7 @@ class Model:
             except Exception:  # a template that wants something else: no markers
                 text = ""
             markers = {tok.token_text(i) for i in tok.encode(text, add_bos=False)
-                       if i < len(kinds) and kinds[i] == CONTROL_TOKEN}
+                       if i < len(is_control) and is_control[i]}
             self._chat_encoder = SegmentedEncoder(tok, sorted(markers))
         return self._chat_encoder
 
