@@ -36,6 +36,24 @@ WINDOW_SLACK = 128  # extra positions a sliding-window cache keeps, so small tri
 RopeShift = Callable[[np.ndarray, int], np.ndarray]
 
 
+def sliding_keep(window: int) -> int:
+    """Recent positions a sliding-window layer keeps before appending: window - 1 for the next
+    query, plus slack so a small trim stays exact (the host caches and kernels/mlx_attention's)."""
+    return window - 1 + WINDOW_SLACK
+
+
+def evictable(held: int, keep: int) -> int:
+    """Oldest positions to drop from `held` recent ones: what exceeds `keep`, in whole
+    EVICT_STEPs (so a quantized store drops whole key groups)."""
+    return max(0, (held - keep) // EVICT_STEP * EVICT_STEP)
+
+
+def levelled(n_positions: int, keep: int, chunk: int) -> int:
+    """Recent positions a windowed cache may hold after n_positions fed in chunks of at most
+    `chunk`: it levels off at keep + one eviction step + a chunk (for budgets)."""
+    return min(n_positions, keep + EVICT_STEP - 1 + chunk)
+
+
 @dataclass(frozen=True)
 class KVSpec:
     """What kind of cache a model builds for its layers (the load() options)."""
@@ -174,11 +192,10 @@ class KVCache(ABC):
     def _keep(self) -> int:
         """Recent positions to keep before appending: a sliding layer keeps window - 1 for the
         next query, plus slack so a small trim stays exact."""
-        return self.window - 1 + WINDOW_SLACK if self.exact else self.window
+        return sliding_keep(self.window) if self.exact else self.window
 
     def _evict(self) -> None:
-        extra = (self.offset - self.start) - self._keep()
-        n = (extra // EVICT_STEP) * EVICT_STEP
+        n = evictable(self.offset - self.start, self._keep())
         if n > 0:
             self._drop_front(n)
             self.start += n
@@ -275,7 +292,7 @@ class KVCache(ABC):
         sinks = min(self.sinks, n_positions)
         recent = n_positions - sinks
         if self.window is not None:
-            recent = min(recent, self._keep() + EVICT_STEP - 1 + chunk)
+            recent = levelled(recent, self._keep(), chunk)
         return self.bytes_for(recent) + 2 * sinks * self.n_kv_heads * self.head_dim * 4
 
 

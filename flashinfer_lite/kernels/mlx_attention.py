@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..cache.kv import EVICT_STEP, WINDOW_SLACK, KVSpec
+from ..cache.kv import KVSpec, evictable, levelled, sliding_keep
 from ..models.common import AttentionCore
 
 
@@ -67,9 +67,8 @@ class MlxKVCache:
     def _evict(self) -> None:
         """A sliding-window layer: drop the oldest positions past what the next queries need,
         in whole EVICT_STEPs, into new arrays (a slice would keep the old buffer alive)."""
-        extra = self.held - (self.window - 1 + WINDOW_SLACK)
-        n = (extra // EVICT_STEP) * EVICT_STEP
-        if n <= 0:
+        n = evictable(self.held, sliding_keep(self.window))
+        if n == 0:
             return
         mx, keep = self.mx, self.held - n
         cap = -(-keep // self.STEP) * self.STEP
@@ -116,8 +115,8 @@ class MlxKVCache:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
     def bytes_at(self, n_positions: int, chunk: int = 256) -> int:
-        if self.window is not None:  # levels off: kept positions + one eviction step + a chunk
-            n_positions = min(n_positions, self.window - 1 + WINDOW_SLACK + EVICT_STEP + chunk)
+        if self.window is not None:
+            n_positions = levelled(n_positions, sliding_keep(self.window), chunk)
         rows = -(-n_positions // self.STEP) * self.STEP
         return 2 * rows * self.n_kv_heads * self.head_dim * 2
 
