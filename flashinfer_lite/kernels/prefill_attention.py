@@ -108,6 +108,14 @@ def float_blocks(k: np.ndarray, v: np.ndarray, pos0: int):
         yield KVBlock(kf, vf, np.arange(pos0 + a, pos0 + b))
 
 
+def _kernel_arrays(view):
+    """A QuantizedView's arrays as the kernels take them, contiguous: (kq, ks, km, vq, vs, vm),
+    scales and minimums as float16 bits (uint16)."""
+    ks, km, vs, vm = (np.ascontiguousarray(x, np.float16).view(np.uint16)
+                      for x in (view.ks, view.km, view.vs, view.vm))
+    return np.ascontiguousarray(view.kq), ks, km, np.ascontiguousarray(view.vq), vs, vm
+
+
 def code_blocks(view, pos0: int):
     """The quantized part of a QuantizedView (cache/quantized.py) at positions pos0 ... ->
     KVBlocks (Hkv, n, D) float32."""
@@ -117,15 +125,12 @@ def code_blocks(view, pos0: int):
     if not n:
         return
     hkv, d = view.ks.shape[1], view.ks.shape[2]
-    ks, km, vs, vm = (np.ascontiguousarray(x, np.float16).view(np.uint16)
-                      for x in (view.ks, view.km, view.vs, view.vm))
-    kq, vq = np.ascontiguousarray(view.kq), np.ascontiguousarray(view.vq)
+    arrays = _kernel_arrays(view)
     for a in range(0, n, BLOCK):
         b = min(a + BLOCK, n)
         kf = np.empty((hkv, b - a, d), np.float32)
         vf = np.empty((hkv, b - a, d), np.float32)
-        codes_to_heads(kq, ks, km, vq, vs, vm, a, b, view.group, view.vgroup, view.bits,
-                       half_table(), kf, vf)
+        codes_to_heads(*arrays, a, b, view.group, view.vgroup, view.bits, half_table(), kf, vf)
         yield KVBlock(kf, vf, np.arange(pos0 + a, pos0 + b))
 
 
@@ -156,10 +161,7 @@ def codes_to_rows(kq, ks, km, vq, vs, vm, group, vgroup, bits, table, kout, vout
 def codes_into(view, keys: np.ndarray, values: np.ndarray) -> None:
     """The quantized part of a QuantizedView -> keys, values (N, Hkv, D) float32 (contiguous),
     written in place."""
-    ks, km, vs, vm = (np.ascontiguousarray(x, np.float16).view(np.uint16)
-                      for x in (view.ks, view.km, view.vs, view.vm))
-    kq, vq = np.ascontiguousarray(view.kq), np.ascontiguousarray(view.vq)
-    codes_to_rows(kq, ks, km, vq, vs, vm, view.group, view.vgroup, view.bits, half_table(),
+    codes_to_rows(*_kernel_arrays(view), view.group, view.vgroup, view.bits, half_table(),
                   keys, values)
 
 
