@@ -295,12 +295,12 @@ def llama_turn5(prompts: dict, keep: dict, path, threads: int, repeat: int) -> d
     """The same turn-5 prompts in llama.cpp (float16 KV cache): time to evaluate the new
     tokens after the history, alternated like ours - what the attention over a longer
     history costs in a mature runtime, for reference."""
-    from llama_cpp import Llama
+    from flashinfer_lite.reference import llama_cpp_model
 
     llms = {}
     for label, ids in prompts.items():
-        llm = Llama(str(path), n_ctx=4096, n_batch=512, n_threads=threads,
-                    n_threads_batch=threads, verbose=False)  # batch threads default to all
+        llm = llama_cpp_model(path, n_ctx=4096, n_batch=512, n_threads=threads,
+                              n_threads_batch=threads)  # batch threads default to all
         llm.eval(ids[: keep[label]])
         llms[label] = llm
     times = {label: [] for label in prompts}

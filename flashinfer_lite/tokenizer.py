@@ -12,7 +12,7 @@ from .errors import InvalidModelFileError
 
 
 @contextlib.contextmanager
-def _quiet_stderr():
+def quiet_stderr():
     """llama.cpp prints its loader log on fd 2 even with verbose=False; hide it."""
     try:
         fd = os.dup(2)
@@ -34,7 +34,7 @@ class Tokenizer:
         from llama_cpp import Llama
 
         try:
-            with _quiet_stderr():
+            with quiet_stderr():
                 self._llama = Llama(model_path=str(path), vocab_only=True, verbose=False)
         except Exception as exc:  # llama.cpp raises ValueError with little detail
             raise InvalidModelFileError(f"llama.cpp could not load the tokenizer of {path}: "
