@@ -54,3 +54,18 @@ def test_logits_match_llama_cpp(qwen05):
     assert r.top1_agreement >= 0.94, r
     # where the top-1 differs, llama.cpp itself nearly ties the two tokens
     assert r.max_reference_margin <= 1.0, r
+
+
+@pytest.mark.slow
+def test_first_position_against_float64(qwen05):
+    """A one-token prompt samples from position 0's logits, where Qwen's residual stream is at
+    its most extreme: they must match a float64 forward of the dequantized weights."""
+    from flashinfer_lite.reference import first_position_logits
+
+    m = qwen05
+    for text in ("def quicksort(arr):", "The capital of France is"):
+        token = m.tokenize(text)[0]
+        ours = m.logits([token])[0]
+        ref = first_position_logits(m.path, token)
+        assert int(ours.argmax()) == int(ref.argmax())
+        assert np.abs(ours - ref).max() < 1.0, np.abs(ours - ref).max()
