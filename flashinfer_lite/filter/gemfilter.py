@@ -22,46 +22,10 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import InvalidArgumentError
+from ..options import FilterOptions
 
-FILTER_MODES = ("gemfilter", "auto")
-DEFAULT_KEEP = 1024
-# token_filter="auto" applies from this many prompt tokens on (chosen from
-# benchmarks/results/gemfilter_gemma3-270m.json: see the README's GemFilter section).
-DEFAULT_THRESHOLD = 4096
 SMOOTH_WIDTH = 5  # the paper's avg_pool1d kernel
 STRUCTURE_SPAN = 4  # tokens after a control token that may hold its role line ("user\n")
-CONTROL_TOKEN = 3  # tokenizer.ggml.token_type of control tokens (<bos>, <start_of_turn>, ...)
-
-
-@dataclass(frozen=True)
-class FilterOptions:
-    """What load()/generate() were asked for: mode None | "gemfilter" | "auto", the number of
-    tokens to keep, the filter layer (None: the model's default) and auto's threshold."""
-
-    mode: str | None = None
-    keep: int = DEFAULT_KEEP
-    layer: int | None = None
-    threshold: int = DEFAULT_THRESHOLD
-
-    def __post_init__(self):
-        if self.mode is not None and self.mode not in FILTER_MODES:
-            raise InvalidArgumentError(
-                f"token_filter must be None, 'gemfilter' or 'auto'; got {self.mode!r}")
-        for name, value, low in (("filter_keep", self.keep, 1),
-                                 ("filter_threshold", self.threshold, 1)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-                raise InvalidArgumentError(f"{name} must be an integer >= {low}; got {value!r}")
-        if self.layer is not None and (isinstance(self.layer, bool) or
-                                       not isinstance(self.layer, (int, np.integer))
-                                       or self.layer < 0):
-            raise InvalidArgumentError(
-                f"filter_layer must be an integer >= 0 or None; got {self.layer!r}")
-
-    def applies(self, n_tokens: int) -> bool:
-        """Whether a prompt of n_tokens is filtered: never when it fits in `keep` anyway."""
-        if self.mode is None or n_tokens <= self.keep:
-            return False
-        return self.mode == "gemfilter" or n_tokens >= self.threshold
 
 
 def default_filter_layer(cfg: ModelConfig) -> int:
