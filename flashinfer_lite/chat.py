@@ -25,20 +25,24 @@ def control_token_mask(f: GGUFFile, vocab_size: int) -> np.ndarray:
 class ChatFormat:
     """One model's chat template with its tokenizer."""
 
-    def __init__(self, f: GGUFFile, architecture: str, tokenizer: Tokenizer, is_control):
-        """is_control: a callable giving control_token_mask (read only when first needed:
-        262k token types for Gemma 3)."""
+    def __init__(self, f: GGUFFile, architecture: str, vocab_size: int, tokenizer: Tokenizer):
         source = f.get("tokenizer.chat_template")
         self.template = ChatTemplate.for_model(source, architecture)
         # the file's own template, or one known for the architecture (not the generic ChatML
         # fallback, which a base model was never trained on)
         self.native = bool(source) or architecture in FALLBACK_TEMPLATES
-        self.tokenizer, self._is_control = tokenizer, is_control
+        self.file, self.vocab_size, self.tokenizer = f, vocab_size, tokenizer
+
+    @functools.cached_property
+    def control_tokens(self) -> np.ndarray:
+        """(vocab,) bool: the control tokens (<bos>, <start_of_turn>, ...), read once from the
+        GGUF's token types (262k of them for Gemma 3)."""
+        return control_token_mask(self.file, self.vocab_size)
 
     @functools.cached_property
     def encoder(self) -> SegmentedEncoder:
         """Splits rendered chats at the template's special tokens and remembers the pieces."""
-        tok, is_control = self.tokenizer, self._is_control()
+        tok, is_control = self.tokenizer, self.control_tokens
         probe = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
                  {"role": "user", "content": "c"}]
         try:

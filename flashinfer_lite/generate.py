@@ -111,8 +111,9 @@ class GenerationStats:
         return out
 
 
-def check_ids(ids: Sequence[int], vocab_size: int) -> list[int]:
-    """ids as a list of ints, each in the vocabulary, at least one."""
+def check_ids(ids: Sequence[int], vocab_size: int, limits) -> list[int]:
+    """ids as a list of ints: at least one, each in the vocabulary, fitting the context
+    (limits: planning.ContextLimits)."""
     ids = [int(i) for i in ids]
     if not ids:
         raise InvalidArgumentError("need at least one token")
@@ -120,6 +121,7 @@ def check_ids(ids: Sequence[int], vocab_size: int) -> list[int]:
     if bad:
         raise InvalidArgumentError(f"token id {bad[0]} is outside the vocabulary "
                                    f"(0..{vocab_size - 1})")
+    limits.check_prompt(len(ids))
     return ids
 
 

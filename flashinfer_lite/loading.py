@@ -22,6 +22,7 @@ from .errors import InvalidArgumentError
 from .flash.convert import ensure_converted, progress_line
 from .flash.ffn import FlashFFN
 from .flash.mlx_ffn import MlxFlashFFN
+from .flash.planner import WORKING_BYTES
 from .kernels.base import Backend
 from .kernels.mlx_backend import MlxBackend, mlx_gpu_available
 from .kernels.numpy_backend import NumpyBackend
@@ -172,6 +173,55 @@ class LoadedModel:
     plan: object  # flash.planner.Plan when the planner sized the pools, else None
     resident_rss_bytes: int  # what the resident part costs in RSS, as measured
     load_s: float
+
+    @property
+    def flash(self) -> FlashFFN | None:
+        """The FFN on flash, once its pools are open; None for a dense model."""
+        return self.ffn.ffn if self.ffn is not None else None
+
+    @property
+    def vocab_head(self) -> TwoStageHead | None:
+        """The two-stage head when the vocabulary is on flash."""
+        return self.vocab.head if self.vocab is not None else None
+
+    @property
+    def vocab_bytes(self) -> int:
+        """DRAM held for the vocabulary on flash: preview head + row pools and buffers."""
+        return self.vocab.nbytes if self.vocab is not None else 0
+
+    @property
+    def pool_bytes(self) -> int:
+        """The FFN's neuron pools and read buffers."""
+        return self.ffn.nbytes if self.ffn is not None else 0
+
+    @property
+    def resident_bytes(self) -> int:
+        """Weights held in DRAM: the backend's resident part plus the neuron pools."""
+        return self.net.nbytes + self.pool_bytes + self.vocab_bytes
+
+    @property
+    def held_bytes(self) -> int:
+        """What the model holds besides its KV cache, as the planner counts it."""
+        return self.resident_rss_bytes + self.pool_bytes + WORKING_BYTES
+
+    def flash_report(self) -> dict:
+        """The FFN's and the vocabulary's reads and timings since their counters were reset."""
+        out = self.ffn.report() if self.ffn is not None else {}
+        if self.vocab_head is not None:
+            out.update(self.vocab_head.report())
+        return out
+
+    def head(self, h, exact: bool):
+        """(T, d) final hidden states -> (T, vocab) logits: the resident head, or the
+        vocabulary on flash's (two-stage, or exact when asked)."""
+        return self.net.head(h) if self.vocab is None else self.vocab.logits(h, exact)
+
+    def close(self) -> None:
+        for part in (self.ffn, self.vocab):
+            if part is not None:
+                part.close()
+        self.ffn = self.vocab = self.net = None
+        self.file.close()
 
 
 def load_model(path, options: LoadOptions) -> LoadedModel:

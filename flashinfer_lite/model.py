@@ -2,9 +2,8 @@
 
 A facade over named parts: what loading.py built (network, heads, FFN and vocabulary on
 flash), a PromptCache whose longest common prefix with each call's prompt is reused (a chat
-turn only prefills the new turn), the generation loop (generate.py), the token filter
-(filter/gemfilter.py) and the chat format (chat.py). An app serving several conversations keeps
-one PromptCache per conversation and swaps it in with swap_cache.
+turn only prefills the new turn; a server swaps in one per conversation), the generation loop
+(generate.py), the token filter (filter/gemfilter.py) and the chat format (chat.py).
 """
 
 from __future__ import annotations
@@ -17,10 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from .cache.persist import model_identity
-from .chat import ChatFormat, control_token_mask
+from .chat import ChatFormat
 from .errors import InvalidArgumentError
 from .filter.gemfilter import FilterResult, GemFilter, resolve_layer
-from .flash.planner import WORKING_BYTES
 from .generate import (
     Cancelled,
     GenerationChunk,
@@ -32,9 +30,8 @@ from .generate import (
 from .loading import load_model
 from .options import DEFAULT_KEEP, FilterOptions, LoadOptions, SamplingOptions, with_kwargs
 from .planning import ContextLimits
-from .prompt_cache import KVState, PromptCache, make_layer_caches  # noqa: F401  (KVState: the old name)
+from .prompt_cache import PromptCache, make_layer_caches
 from .registry import resolve_model
-from .sampling import make_repetition_penalty, make_sampler
 from .tokenizer import SegmentedEncoder
 
 SAMPLING = SamplingOptions()
@@ -48,45 +45,39 @@ class Model:
         """options and/or fl.load's keywords (options.py): the keywords win."""
         self.options = LoadOptions.from_kwargs(**{**vars(options or LoadOptions()), **kwargs})
         rt, kv = self.options.runtime, self.options.kv
-        parts = load_model(path, self.options)
+        self._parts = parts = load_model(path, self.options)
         self.path, self.config, self.tokenizer = parts.path, parts.config, parts.tokenizer
-        self.backend, self.threads, self.net = parts.backend, parts.threads, parts.net
+        self.backend, self.threads = parts.backend, parts.threads
         self.n_ctx, self.memory_budget, self.plan = parts.n_ctx, parts.memory_budget, parts.plan
         self.resident_rss_bytes, self.load_s = parts.resident_rss_bytes, parts.load_s
-        self._file, self._ffn, self._vocab = parts.file, parts.ffn, parts.vocab
         self.filter_options = self.options.filter
         resolve_layer(self.filter_options, self.config)  # a bad filter_layer fails at load
         self.prefill_chunk, self.kv_spec, self.kv_cache = rt.prefill_chunk, kv.spec, kv.kind
         self.limits = ContextLimits(self.n_ctx, self.kv_spec.bounded, kv.kind,
-                                    self.prefill_chunk, self.memory_budget, self.held_bytes)
-        head = self._vocab.logits if self._vocab else lambda h, exact: self.net.head(h)
-        self._runner = Runner(self.net, head, self.prefill_chunk, self.limits)
+                                    self.prefill_chunk, self.memory_budget, parts.held_bytes)
+        self._runner = Runner(parts.net, parts.head, self.prefill_chunk, self.limits)
         self.prompt_cache = self.make_prompt_cache()
-        self._chat = ChatFormat(self._file, self.config.architecture, self.tokenizer,
-                                lambda: self.control_tokens)
+        self._chat = ChatFormat(parts.file, self.config.architecture, self.config.vocab_size,
+                                self.tokenizer)
         self.chat_template = self._chat.template
-        self._gemfilter = None
         self._lock = threading.RLock()
         self._streaming = False  # an RLock lets one thread re-enter: refuse a second open stream
         self.generation_stats: GenerationStats | None = None  # the last call's
         self._load_stats = {"load_s": self.load_s, **self.memory_report()}
 
-    # ---- parts ---------------------------------------------------------------------------------
-    @property
-    def flash(self):
-        """The FFN on flash (flash/ffn.py's FlashFFN), or None for a dense model."""
-        return self._ffn.ffn if self._ffn is not None else None
-
-    @property
-    def vocab_head(self):
-        """The two-stage head (vocab/head.py) when the vocabulary is on flash, else None."""
-        return self._vocab.head if self._vocab is not None else None
+    # ---- parts and memory ----------------------------------------------------------------------
+    # The parts loading.py built: the network (models/common.py's CausalLM; None once closed),
+    # the FFN on flash (flash/ffn.py's FlashFFN) and the two-stage head (vocab/head.py), each
+    # None when not used; their reads, and the memory they hold as loading.py counts it.
+    net = property(lambda self: self._parts.net)
+    flash = property(lambda self: self._parts.flash)
+    vocab_head = property(lambda self: self._parts.vocab_head)
+    vocab_bytes = property(lambda self: self._parts.vocab_bytes)
+    resident_bytes = property(lambda self: self._parts.resident_bytes)
+    held_bytes = property(lambda self: self._parts.held_bytes)
 
     def flash_report(self) -> dict:
-        out = self._ffn.report() if self._ffn is not None else {}
-        if self._vocab is not None:
-            out.update(self._vocab.head.report())
-        return out
+        return self._parts.flash_report()
 
     @property
     def stats(self) -> dict:
@@ -94,36 +85,14 @@ class Model:
         s = self.generation_stats
         return s.as_dict() if s is not None else dict(self._load_stats)
 
-    # ---- memory ------------------------------------------------------------------------------
-    @property
-    def vocab_bytes(self) -> int:
-        """DRAM held for the vocabulary on flash: preview head + row pools and buffers."""
-        return self._vocab.nbytes if self._vocab is not None else 0
-
-    @property
-    def resident_bytes(self) -> int:
-        """Weights held in DRAM: the backend's resident part plus the neuron pools."""
-        pools = self._ffn.nbytes if self._ffn is not None else 0
-        return self.net.nbytes + pools + self.vocab_bytes
-
-    @property
-    def held_bytes(self) -> int:
-        """What the model holds besides its KV cache, as the planner counts it."""
-        pools = self._ffn.nbytes if self._ffn is not None else 0
-        return self.resident_rss_bytes + pools + WORKING_BYTES
-
-    @property
-    def kv_bytes(self) -> int:
-        return self.prompt_cache.nbytes
+    kv_bytes = property(lambda self: self.prompt_cache.nbytes)
 
     def memory_report(self) -> dict:
         return {"resident_bytes": self.resident_bytes, "kv_bytes": self.kv_bytes,
-                "file_bytes": self._file.file_size}
+                "file_bytes": self._parts.file.file_size}
 
-    @property
-    def bounded(self) -> bool:
-        """True when every layer's cache is bounded: a context may then run past n_ctx."""
-        return self.kv_spec.bounded
+    # every layer's cache is bounded: a context may then run past n_ctx
+    bounded = property(lambda self: self.kv_spec.bounded)
 
     def kv_bytes_needed(self, n_tokens: int) -> int:
         """Bytes the KV cache holds after n_tokens positions (a bounded cache levels off)."""
@@ -136,7 +105,7 @@ class Model:
     # ---- the prompt cache --------------------------------------------------------------------
     def make_prompt_cache(self) -> PromptCache:
         """An empty prompt cache for this model (mlx-lm's make_prompt_cache)."""
-        return PromptCache([], make_layer_caches(self.net, self.kv_spec), id(self))
+        return PromptCache([], make_layer_caches(self._parts.net, self.kv_spec), id(self))
 
     def reset(self) -> None:
         """Forget the KV cache (the next call prefills from scratch)."""
@@ -173,7 +142,7 @@ class Model:
 
     @functools.cached_property
     def _identity(self) -> dict:  # hashes the GGUF's metadata: once
-        return model_identity(self._file, self.config)
+        return model_identity(self._parts.file, self.config)
 
     def _refuse_nested(self, what: str) -> None:
         if self._streaming:
@@ -183,12 +152,8 @@ class Model:
 
     def close(self) -> None:
         with self._lock:
-            for part in (self._ffn, self._vocab):
-                if part is not None:
-                    part.close()
-            self._ffn = self._vocab = self.net = None
+            self._parts.close()
             self.prompt_cache = PromptCache([], [], id(self))
-            self._file.close()
 
     def __enter__(self):
         return self
@@ -206,9 +171,7 @@ class Model:
     def _check_ids(self, ids) -> list[int]:
         if self.net is None:
             raise InvalidArgumentError("this model is closed; load it again")
-        ids = check_ids(ids, self.config.vocab_size)
-        self.limits.check_prompt(len(ids))
-        return ids
+        return check_ids(ids, self.config.vocab_size, self.limits)
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """(len(ids), vocab) float32 logits through the prompt path (chunked, with the cache)."""
@@ -225,20 +188,16 @@ class Model:
             return self._runner(self.prompt_cache, ids, out)
 
     # ---- token filter (GemFilter) ------------------------------------------------------------
-    @functools.cached_property
-    def control_tokens(self) -> np.ndarray:
-        """(vocab,) bool: the vocabulary's control tokens (<bos>, <start_of_turn>, ...), read
-        once from the GGUF's token types (262k of them for Gemma 3)."""
-        return control_token_mask(self._file, self.config.vocab_size)
-
     @property
+    def control_tokens(self) -> np.ndarray:
+        """(vocab,) bool: the vocabulary's control tokens (<bos>, <start_of_turn>, ...)."""
+        return self._chat.control_tokens
+
+    @functools.cached_property
     def gemfilter(self) -> GemFilter:
         """The GemFilter of this model (built on first use: it reads the token types)."""
-        if self._gemfilter is None:
-            self._gemfilter = GemFilter(
-                self.net, self.config, self.control_tokens, self.tokenizer.token_text,
-                lambda: make_layer_caches(self.net, self.kv_spec), self.prefill_chunk)
-        return self._gemfilter
+        return GemFilter(self.net, self.config, self.control_tokens, self.tokenizer.token_text,
+                         lambda: make_layer_caches(self.net, self.kv_spec), self.prefill_chunk)
 
     def filter_prompt(self, ids: Sequence[int], keep: int = DEFAULT_KEEP,
                       layer: int | None = None) -> FilterResult:
@@ -260,11 +219,9 @@ class Model:
         prompt: text (tokenized with BOS, special tokens parsed) or token ids. Generation ends at
         an end-of-generation token, a stop string (not included), max_tokens, or the context end.
         cancel: an event another thread may set; the stream then stops within one token (or one
-        prefill chunk), frees the KV cache and ends with a chunk whose finish_reason is
-        "cancelled".
-        filter_overrides: token_filter, filter_keep, filter_layer, filter_threshold for this
-        call (default: what load() was given).
-        """
+        prefill chunk), frees the KV cache and ends with a "cancelled" chunk.
+        filter_overrides: token_filter, filter_keep, filter_layer, filter_threshold (FilterOptions)
+        for this call (default: what load() was given)."""
         options = with_kwargs(self.filter_options, filter_overrides)
         if filter_overrides:
             raise InvalidArgumentError(
@@ -276,10 +233,8 @@ class Model:
             raise InvalidArgumentError(f"max_tokens must be an integer >= 0; got {max_tokens!r}")
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         ids = self._check_ids(self.tokenize(prompt) if isinstance(prompt, str) else prompt)
-        penalty = make_repetition_penalty(s.repeat_penalty, s.repeat_last_n)
-        return self._stream(ids, max_tokens, make_sampler(s.temperature, s.top_k, s.top_p,
-                                                          s.min_p, s.seed),
-                            [penalty] if penalty else [], stops, cancel, options)
+        return self._stream(ids, max_tokens, s.sampler(), s.processors(), stops, cancel,
+                            options)
 
     def _stream(self, ids, max_tokens, sampler, processors, stops, cancel, options):
         with self._lock:
@@ -295,8 +250,8 @@ class Model:
                 if reused is None:  # a bounded cache had dropped positions it would need
                     self.prompt_cache, reused = self.make_prompt_cache(), 0
                 stats.prompt_tokens_reused = reused
-                if self._ffn is not None and self._ffn.ffn is not None:
-                    self._ffn.ffn.reset_counters()
+                if self.flash is not None:
+                    self.flash.reset_counters()
                 self.generation_stats = stats
                 yield from stream_generate(self._runner, self.tokenizer, self.prompt_cache,
                                            ids, max_tokens, sampler, processors, stops, stats,
@@ -335,21 +290,11 @@ class Model:
 def load(model=None, **options) -> Model:
     """Load a model: None (the bundled default), a short name, or a .gguf path.
 
-    options (options.py has every one, its default and its meaning): the option dataclasses
-    (runtime=RuntimeOptions(...), kv=KVOptions(...), flash=, vocab=, filter=) and/or their
-    fields as flat keywords, e.g.
-    - memory_budget="300MB" | bytes | a fraction of the file; backend "auto" | "onnxruntime" |
-      "numpy" | "mlx"; threads; ctx_size; prefill_chunk;
-    - kv_cache "f16" | "q8" | "q4"; kv_window=N bounds the cache to kv_sinks (default 4)
-      first + at least N recent positions (StreamingLLM), so a context may run past the
-      model's; kv_residual (default 128) recent positions stay float16 in q8/q4;
-    - token_filter None | "gemfilter" | "auto" (from filter_threshold prompt tokens on, default
-      4096); filter_keep (default 1024) tokens kept, filter_layer the layer that scores them;
-    - ffn_share, vocab_on_flash, ...: flash-resident FFN and vocabulary;
-    - progress(step, total, what): called while a first load converts the model to the flash
-      format (None prints a bar on stderr); an exception raised by it stops the conversion
-      and leaves nothing behind."""
+    options: the option dataclasses (runtime=RuntimeOptions(...), kv=KVOptions(...), flash=,
+    vocab=, filter=) and/or their fields as flat keywords, which options.py lists with their
+    defaults: memory_budget="300MB", backend="onnxruntime", kv_cache="q8", kv_window=1024,
+    token_filter="auto", ffn_share=0.5, vocab_on_flash=True, ... progress(step, total, what)
+    is called while a first load converts the model to the flash format (None: a bar on
+    stderr); an exception raised by it stops the conversion and leaves nothing behind."""
     return Model(resolve_model(model), **options)
 
-
-__all__ = ["KVState", "Model", "load"]

@@ -20,7 +20,13 @@ import numpy as np
 from .cache.kv import KV_KINDS, KVSpec
 from .errors import InvalidArgumentError
 from .memory import parse_budget
-from .sampling import validate_sampling
+from .sampling import (
+    LogitsProcessor,
+    Sampler,
+    make_repetition_penalty,
+    make_sampler,
+    validate_sampling,
+)
 
 __all__ = ["BACKENDS", "FFN_MODES", "FILTER_MODES", "KV_KINDS", "FilterOptions", "FlashOptions",
            "KVOptions", "LoadOptions", "RuntimeOptions", "SamplingOptions", "ServerOptions",
@@ -215,6 +221,13 @@ class SamplingOptions:
     def __post_init__(self):
         validate_sampling(self.temperature, self.top_k, self.top_p, self.min_p,
                           self.repeat_penalty, self.repeat_last_n)
+
+    def sampler(self) -> Sampler:
+        return make_sampler(self.temperature, self.top_k, self.top_p, self.min_p, self.seed)
+
+    def processors(self) -> list[LogitsProcessor]:
+        penalty = make_repetition_penalty(self.repeat_penalty, self.repeat_last_n)
+        return [penalty] if penalty else []
 
 
 @dataclass(frozen=True)

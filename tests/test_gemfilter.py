@@ -218,7 +218,7 @@ def test_mlx_selects_the_same_tokens_as_onnxruntime(gemma3, gemma3_path):
     assert len(ids) > 3 * keep
     m = fl.load(gemma3_path, backend="mlx", prefill_chunk=chunk)
     got = m.filter_prompt(ids, keep=keep)
-    assert type(m.prompt_cache.caches[0]).__name__ == "MlxKVCache"  # the device path, not the host one
+    assert type(m.prompt_cache.caches[0]).__name__ == "MlxKVCache"  # the device path
     gf = gemma3.gemfilter
     gf.chunk = chunk  # the same chunking on both sides
     try:
