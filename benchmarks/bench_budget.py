@@ -54,7 +54,7 @@ def child(model: str, budget: str, tokens: int):
         "budget": budget, "budget_bytes": m.memory_budget, "plan": m.plan.as_dict()
         if m.plan else None, "baseline_rss": base, "peak_rss": peak_rss_bytes(),
         "peak_minus_baseline": peak_rss_bytes() - base, "rss_after_minus_baseline": after - base,
-        "resident_bytes": m.resident_bytes, "vocab_on_flash": m._vocab_head is not None,
+        "resident_bytes": m.resident_bytes, "vocab_on_flash": m.vocab_head is not None,
         "vocab_bytes": m.vocab_bytes,
         "vocab_bytes_read_per_token": s.get("vocab_bytes_read_per_token"),
         "head_time_share": s.get("head_time_share"), "file_bytes": path.stat().st_size,
@@ -95,8 +95,8 @@ def floor_child(model: str):
     print(json.dumps({
         "file_bytes": path.stat().st_size, "half_file_bytes": path.stat().st_size // 2,
         "tokenizer_rss": tokenizer_rss, "resident_rss": m.resident_rss_bytes,
-        "backend_weight_bytes": m._net.nbytes, "preview_and_row_bytes": m.vocab_bytes,
-        "kv_bytes_1024_f16": kv_1024, "pool_bytes_at_5pct": m._flash.nbytes,
+        "backend_weight_bytes": m.net.nbytes, "preview_and_row_bytes": m.vocab_bytes,
+        "kv_bytes_1024_f16": kv_1024, "pool_bytes_at_5pct": m.flash.nbytes,
         "held_bytes": m.held_bytes}))
 
 

@@ -55,7 +55,7 @@ class Model:
         self.prefill_chunk, self.kv_spec, self.kv_cache = rt.prefill_chunk, kv.spec, kv.kind
         self.limits = ContextLimits(self.n_ctx, self.kv_spec.bounded, kv.kind,
                                     self.prefill_chunk, self.memory_budget, parts.held_bytes)
-        self._runner = Runner(parts.net, parts.head, self.prefill_chunk, self.limits)
+        self.runner = Runner(parts.net, parts.head, self.prefill_chunk, self.limits)
         self.prompt_cache = self.make_prompt_cache()
         self._chat = ChatFormat(parts.file, self.config.architecture, self.config.vocab_size,
                                 self.tokenizer)
@@ -185,7 +185,7 @@ class Model:
         ids = self._check_ids(ids)
         with self._lock:
             self.reset()
-            return self._runner(self.prompt_cache, ids, out)
+            return self.runner(self.prompt_cache, ids, out)
 
     # ---- token filter (GemFilter) ------------------------------------------------------------
     @property
@@ -253,7 +253,7 @@ class Model:
                 if self.flash is not None:
                     self.flash.reset_counters()
                 self.generation_stats = stats
-                yield from stream_generate(self._runner, self.tokenizer, self.prompt_cache,
+                yield from stream_generate(self.runner, self.tokenizer, self.prompt_cache,
                                            ids, max_tokens, sampler, processors, stops, stats,
                                            self.flash_report, cancel)
             except Cancelled:
