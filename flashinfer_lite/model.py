@@ -196,8 +196,8 @@ class Model:
     @functools.cached_property
     def gemfilter(self) -> GemFilter:
         """The GemFilter of this model (built on first use: it reads the token types)."""
-        return GemFilter(self.net, self.config, self.control_tokens, self.tokenizer.token_text,
-                         lambda: make_layer_caches(self.net, self.kv_spec), self.prefill_chunk)
+        return GemFilter(self.net, self.kv_spec, self.control_tokens, self.tokenizer.token_text,
+                         self.prefill_chunk)
 
     def filter_prompt(self, ids: Sequence[int], keep: int = DEFAULT_KEEP,
                       layer: int | None = None) -> FilterResult:

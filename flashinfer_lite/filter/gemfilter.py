@@ -20,9 +20,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..cache.kv import KVSpec
 from ..config import ModelConfig
 from ..errors import InvalidArgumentError
 from ..options import FilterOptions
+from ..prompt_cache import make_layer_caches
 
 SMOOTH_WIDTH = 5  # the paper's avg_pool1d kernel
 STRUCTURE_SPAN = 4  # tokens after a control token that may hold its role line ("user\n")
@@ -131,13 +133,13 @@ class FilterResult:
 
 
 class GemFilter:
-    """Pass 1 and the selection for one model (net: a models.common.CausalLM)."""
+    """Pass 1 and the selection for one model: its net (a models.common.CausalLM, run with
+    stop_at), the KV cache kind its layers use, the control tokens and each token's text."""
 
-    def __init__(self, net, cfg: ModelConfig, is_control: np.ndarray,
-                 token_text: Callable[[int], str], make_caches: Callable[[], list],
-                 chunk: int = 256):
-        self.net, self.cfg, self.is_control = net, cfg, is_control
-        self.token_text, self.make_caches, self.chunk = token_text, make_caches, chunk
+    def __init__(self, net, spec: KVSpec, is_control: np.ndarray,
+                 token_text: Callable[[int], str], chunk: int = 256):
+        self.net, self.cfg, self.spec, self.is_control = net, net.cfg, spec, is_control
+        self.token_text, self.chunk = token_text, chunk
 
     def scores(self, ids: Sequence[int], layer: int) -> np.ndarray:
         """(N,) raw scores: the last token's query at `layer` against every key there, summed
@@ -145,7 +147,7 @@ class GemFilter:
         c = self.cfg
         n = len(ids)
         ids = np.asarray(ids, np.int64)
-        caches = self.make_caches()  # only layers < `layer` are written
+        caches = make_layer_caches(self.net, self.spec)  # only layers < `layer` are written
         # layer r's rotated keys, float16: 16 MB for Gemma 3 at 32k tokens
         keys = np.empty((n, c.n_kv_heads, c.head_dim), np.float16)  # (N, Hkv, D)
         host = self.net.backend.to_host
