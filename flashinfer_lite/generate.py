@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import InvalidArgumentError
+from .filter.gemfilter import FilterResult
 from .memory import peak_rss_bytes, rss_bytes
 from .prompt_cache import PromptCache
 from .sampling import LogitsProcessor, Sampler
@@ -59,7 +60,7 @@ class GenerationStats:
     resident_bytes: int = 0
     rss_bytes: int | None = None  # sampled every RSS_EVERY tokens and at the end
     peak_rss_bytes: int | None = None
-    filtered: object = None  # filter.gemfilter.FilterResult when the prompt was filtered
+    filtered: FilterResult | None = None  # when the prompt was filtered (GemFilter's pass 1)
     filter_pass2_s: float | None = None
     flash: dict = field(default_factory=dict)  # flash and vocabulary reports (per token too)
     cancelled: bool = False

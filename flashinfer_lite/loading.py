@@ -22,7 +22,7 @@ from .errors import InvalidArgumentError
 from .flash.convert import ensure_converted, progress_line
 from .flash.ffn import FlashFFN
 from .flash.mlx_ffn import MlxFlashFFN
-from .flash.planner import WORKING_BYTES
+from .flash.planner import WORKING_BYTES, Plan
 from .kernels.base import Backend
 from .kernels.mlx_backend import MlxBackend, mlx_gpu_available
 from .kernels.numpy_backend import NumpyBackend
@@ -170,7 +170,7 @@ class LoadedModel:
     memory_budget: int | None
     ffn: FlashFFNProvider | None
     vocab: VocabOnFlash | None
-    plan: object  # flash.planner.Plan when the planner sized the pools, else None
+    plan: Plan | None  # when the planner sized the neuron pools
     resident_rss_bytes: int  # what the resident part costs in RSS, as measured
     load_s: float
 
