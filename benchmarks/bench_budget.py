@@ -39,7 +39,7 @@ def child(model: str, budget: str, tokens: int):
     ensure_converted(path)  # conversion is a one-time step, not part of a run
     bundle_ffn.warm()  # numba's JIT machinery and our kernel's code: the runtime, not the model
     from flashinfer_lite.kernels.onnxruntime_backend import OnnxRuntimeBackend
-    from flashinfer_lite.model import default_threads
+    from flashinfer_lite.options import default_threads
 
     OnnxRuntimeBackend(default_threads()).warm()  # ORT's process-wide environment, likewise
     release_freed_memory()
@@ -54,7 +54,7 @@ def child(model: str, budget: str, tokens: int):
         "budget": budget, "budget_bytes": m.memory_budget, "plan": m.plan.as_dict()
         if m.plan else None, "baseline_rss": base, "peak_rss": peak_rss_bytes(),
         "peak_minus_baseline": peak_rss_bytes() - base, "rss_after_minus_baseline": after - base,
-        "resident_bytes": m.resident_bytes, "vocab_on_flash": m._vocab_head is not None,
+        "resident_bytes": m.resident_bytes, "vocab_on_flash": m.vocab_head is not None,
         "vocab_bytes": m.vocab_bytes,
         "vocab_bytes_read_per_token": s.get("vocab_bytes_read_per_token"),
         "head_time_share": s.get("head_time_share"), "file_bytes": path.stat().st_size,
@@ -74,7 +74,7 @@ def floor_child(model: str):
     from flashinfer_lite.kernels import bundle_ffn
     from flashinfer_lite.kernels.onnxruntime_backend import OnnxRuntimeBackend
     from flashinfer_lite.memory import release_freed_memory, rss_bytes
-    from flashinfer_lite.model import default_threads
+    from flashinfer_lite.options import default_threads
     from flashinfer_lite.registry import resolve_model
     from flashinfer_lite.tokenizer import Tokenizer
 
@@ -95,8 +95,8 @@ def floor_child(model: str):
     print(json.dumps({
         "file_bytes": path.stat().st_size, "half_file_bytes": path.stat().st_size // 2,
         "tokenizer_rss": tokenizer_rss, "resident_rss": m.resident_rss_bytes,
-        "backend_weight_bytes": m._net.nbytes, "preview_and_row_bytes": m.vocab_bytes,
-        "kv_bytes_1024_f16": kv_1024, "pool_bytes_at_5pct": m._flash.nbytes,
+        "backend_weight_bytes": m.net.nbytes, "preview_and_row_bytes": m.vocab_bytes,
+        "kv_bytes_1024_f16": kv_1024, "pool_bytes_at_5pct": m.flash.nbytes,
         "held_bytes": m.held_bytes}))
 
 

@@ -54,14 +54,14 @@ def child(model, share, mode, prompt_tokens, gen_tokens, threads):
     prefetch = mode.endswith("+prefetch")  # ours with the background prefetch (flash/ffn.py)
     m = fl.load(flash_dir, ffn_share=share, ffn_mode=mode.split("+")[0], threads=threads,
                 prefetch=prefetch)
-    m._flash.reader.drop_page_cache()
+    m.flash.reader.drop_page_cache()
     ids = m.tokenize(text()[:20000])[:prompt_tokens]
     t0 = time.perf_counter()
     out = m.generate(ids, max_tokens=gen_tokens, temperature=0.0)
     wall = time.perf_counter() - t0
     s = m.stats
     n = s["generated_tokens"]
-    ffn_bytes = m._flash.layout.section * m.config.n_layers
+    ffn_bytes = m.flash.layout.section * m.config.n_layers
     r = {
         "model": model, "share": share, "mode": mode, "generated": n,
         "decode_tokens_per_s": s["tokens_per_s"], "ttft_s": s["ttft_s"], "wall_s": wall,
@@ -154,7 +154,7 @@ def frontier_child(model, share, n_tokens, colds, gaps):
                         vocab_on_flash=False)
             t0 = time.perf_counter()
             p = decode_ppl(m, ids)
-            rep, ffn = m.flash_report(), m._flash.layout.section * m.config.n_layers
+            rep, ffn = m.flash_report(), m.flash.layout.section * m.config.n_layers
             out["points"].append({
                 "cold_skip_fraction": cold, "coalesce_gap": gap, "decode_ppl": p,
                 "ppl_vs_dense": p / out["dense_decode"] - 1,

@@ -107,21 +107,21 @@ def run_accuracy(m, m2, n: int, depths, trials: int, keeps, rng, check_api: bool
     for key, depth in prompts:
         ids = passkey_prompt(m, n - ROOM, key, depth)
         needle = needle_positions(m, ids, key)
-        recorders = [KeyRecorder(c, len(ids)) for c in m._net.cores]
+        recorders = [KeyRecorder(c, len(ids)) for c in m.net.cores]
         # a reused prefix is not re-run: its keys are the previous prompt's, the same tokens
         if rows and rows[-1]["_recorders"] is not None:
             prev = rows[-1]["_recorders"]
             for r, p in zip(recorders, prev, strict=True):
                 common = min(len(p.keys), len(r.keys))
                 r.keys[:common] = p.keys[:common]
-        m._net.cores[:] = recorders
+        m.net.cores[:] = recorders
         try:
             t0 = time.perf_counter()
             full = m.generate(ids, max_tokens=GEN_TOKENS, token_filter=None)
             full_s = time.perf_counter() - t0
             reused = m.stats["prompt_tokens_reused"]
         finally:
-            m._net.cores[:] = [r.core for r in recorders]
+            m.net.cores[:] = [r.core for r in recorders]
         row = {"tokens": len(ids), "key": key, "depth": depth, "full_answer": full,
                "full_correct": correct(key, full), "full_s": full_s, "full_reused": reused,
                "needle_tokens": len(needle), "recall": {}, "filtered": {}}

@@ -266,11 +266,11 @@ def check_vs_ort(model: str, gpu, ids, n: int) -> dict:
     _cap_onnx_ir_version()
     ids = ids[:n]
     gpu.reset()
-    a = np.asarray(gpu._forward(ids, all_logits=False), np.float32)
+    a = np.asarray(gpu.runner(gpu.prompt_cache, ids), np.float32)
     gpu.reset()
     cpu = fl.load(model, backend="onnxruntime")
     t0 = time.perf_counter()
-    b = np.asarray(cpu._forward(ids, all_logits=False), np.float32)
+    b = np.asarray(cpu.runner(cpu.prompt_cache, ids), np.float32)
     cpu_s = time.perf_counter() - t0
     cpu.close()
     top_a, top_b = np.argsort(-a)[:5], np.argsort(-b)[:5]

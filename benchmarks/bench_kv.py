@@ -64,7 +64,7 @@ def memory_child(model: str, kind: str, tokens: int, threads: int) -> dict:
     release_freed_memory()
     after = rss_bytes()
     held = m.kv_bytes
-    return {"kind": kind, "positions": m._caches[0].offset, "kv_bytes": held,
+    return {"kind": kind, "positions": m.prompt_cache.caches[0].offset, "kv_bytes": held,
             "bytes_per_token_nbytes": held / tokens,
             "rss_delta_bytes": after - before, "bytes_per_token_rss": (after - before) / tokens}
 
@@ -87,8 +87,9 @@ def cmd_memory(args):
 def caches_from(m, spec, source):
     """New caches of `spec` holding what `source` caches hold (decode speed depends only on
     the sizes; this saves two 4k-token prefills)."""
-    m.kv_spec = spec
-    caches = m._make_caches()
+    from flashinfer_lite.prompt_cache import make_layer_caches
+
+    caches = make_layer_caches(m.net, spec)
     for src, dst in zip(source, caches, strict=True):
         k, v, _ = src.fetch()
         for a in range(0, len(k), 256):
@@ -99,30 +100,30 @@ def caches_from(m, spec, source):
 def cmd_speed(args):
     import flashinfer_lite as fl
     from flashinfer_lite.cache.kv import KVSpec
+    from flashinfer_lite.prompt_cache import PromptCache
 
     m = fl.load(args.model, threads=args.threads)
     ids = m.tokenize(topics_text())[: args.tokens]
     t0 = time.perf_counter()
     m.generate(ids, max_tokens=1)
     prefill_s = time.perf_counter() - t0
-    f16 = m._caches
+    f16 = m.prompt_cache.caches
     sets = {"f16": f16}
     for kind in KINDS[1:]:
         sets[kind] = caches_from(m, KVSpec(kind), f16)
-    cached = list(m._cached_ids)
+    cached = list(m.prompt_cache.ids)
     times = {k: [] for k in KINDS}
     rng = np.random.default_rng(0)
     for _ in range(args.rounds):
         for kind in KINDS:
-            m._caches, m.kv_spec = sets[kind], KVSpec(kind)
-            m._cached_ids = list(cached)
-            n0 = m._caches[0].offset
+            m.swap_cache(PromptCache(list(cached), sets[kind], id(m)))
+            n0 = m.prompt_cache.caches[0].offset
             toks = rng.integers(100, 1000, args.decode).tolist()
             t0 = time.perf_counter()
             for t in toks:
-                m._forward([t], all_logits=False)
+                m.runner(m.prompt_cache, [t])
             times[kind].append((time.perf_counter() - t0) / len(toks))
-            for c in m._caches:
+            for c in m.prompt_cache.caches:
                 c.trim(c.offset - n0)
     med = {k: statistics.median(v) for k, v in times.items()}
     rows = {k: {"tokens_per_s": 1 / med[k], "ms_per_token": med[k] * 1e3,
@@ -141,9 +142,9 @@ def chunked_nll(m, ids, chunk: int) -> np.ndarray:
     nll = []
     for a in range(0, len(ids) - 1, chunk):
         part = ids[a : a + chunk]
-        h = m._net.forward(np.asarray(part, np.int64), m._caches)
-        m._cached_ids.extend(part)
-        lp = log_softmax(m._net.head(h))
+        h = m.net.forward(np.asarray(part, np.int64), m.prompt_cache.caches)
+        m.prompt_cache.ids.extend(part)
+        lp = log_softmax(m.net.head(h))
         nxt = ids[a + 1 : a + 1 + len(part)]
         nll.append(-lp[np.arange(len(nxt)), nxt])
     return np.concatenate(nll)
@@ -280,9 +281,9 @@ def turn5_ttft(m, history, keep: int | None) -> tuple[float, int, int, float]:
     call_ttft_s). ttft_s is m.stats' (from the token ids); call_ttft_s counts from the call
     with the messages, so rendering the template and tokenizing the history are in it."""
     if keep is not None:
-        for c in m._caches:
+        for c in m.prompt_cache.caches:
             c.trim(c.offset - keep)
-        del m._cached_ids[keep:]
+        del m.prompt_cache.ids[keep:]
     t0 = time.perf_counter()
     call_ttft = None
     for _ in m.stream_chat(history, max_tokens=1):
@@ -343,7 +344,7 @@ def cmd_chat(args):
                 times[label].append(t)
                 call_times[label].append(call_t)
         if args.llama and "ratio_min/llama.cpp" not in rows:  # once, with the first kind
-            rows.update(llama_turn5({label: list(m._cached_ids) for label, (m, _, _) in
+            rows.update(llama_turn5({label: list(m.prompt_cache.ids) for label, (m, _, _) in
                                      chats.items()}, keep, chats["short"][0].path,
                                     args.llama_threads, args.repeat))
         for label, (m, _, turns) in chats.items():

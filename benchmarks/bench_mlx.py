@@ -222,7 +222,7 @@ def run(path: str, name: str, out_dir: str, rounds: int, tokens: int, flash_toke
                       ("naive", dict(ffn_share=0.5, ffn_mode="naive")),
                       ("ours_0.50_no_overlap", dict(ffn_share=0.5))):
         flash[label] = fl.load(path, backend="mlx", **kw)
-    flash["ours_0.50_no_overlap"]._flash.overlap = False  # the A/B for mx.async_eval
+    flash["ours_0.50_no_overlap"].flash.overlap = False  # the A/B for mx.async_eval
     result["flash_setup_s"] = time.perf_counter() - t0
     result["flash"] = _rounds(flash, prompt[:64], flash_tokens, rounds)
     f = result["flash"]

@@ -66,7 +66,7 @@ def fidelity(model: str, positions: int, encodings, block_rows: int = 256) -> di
     m = fl.load(model)
     t0 = time.perf_counter()
     h = hidden(m, positions)
-    f, name, V = m._file, "token_embd.weight", m.config.vocab_size
+    f, name, V = m.net.file, "token_embd.weight", m.config.vocab_size
     d = m.config.d_model
     table = np.empty((V, d), np.float32)  # the exact head, dequantized once
     for s in range(0, V, 8192):
@@ -122,7 +122,7 @@ def speed_child(model: str, on_flash: bool, tokens: int) -> dict:
 
     m = fl.load(ensure_converted(resolve_model(model)), ffn_share=1.0, skip_fraction=0.0,
                 vocab_on_flash=on_flash)
-    m._vocab_head and m._vocab_head.rows.reader.drop_page_cache()
+    m.vocab_head and m.vocab_head.rows.reader.drop_page_cache()
     prompt = m.tokenize(text()[:3000])[:128]
     out = m.generate(prompt, max_tokens=tokens, temperature=0.0)
     s = m.stats

@@ -37,7 +37,7 @@ def main() -> None:
         ev.append((name, round(mx.get_active_memory() / 1e6), round(mx.get_peak_memory() / 1e6)))
         mx.reset_peak_memory()
 
-    real_filter, real_fwd = m.filter_prompt, m._forward
+    real_filter, real_fwd = m.filter_prompt, m.runner
 
     def filt(*a, **kw):
         mark("before pass1")
@@ -45,13 +45,13 @@ def main() -> None:
         mark("pass1")
         return r
 
-    def fwd(ids, all_logits, hidden=False):
-        r = real_fwd(ids, all_logits, hidden)
+    def fwd(cache, ids, *a, **kw):
+        r = real_fwd(cache, ids, *a, **kw)
         if len(ids) > 1:
             mark(f"prefill {len(ids)}")
         return r
 
-    m.filter_prompt, m._forward = filt, fwd
+    m.filter_prompt, m.runner = filt, fwd
     for n in lengths:
         p = next(p for p in table["prompts"] if p["n"] == n)
         for rep in range(2):

@@ -17,14 +17,25 @@ from .errors import (
     ModelNotFoundError,
     UnsupportedModelError,
 )
-from .generate import GenerationChunk
-from .model import KVState, Model, load
+from .generate import GenerationChunk, GenerationStats
+from .model import Model, load
+from .options import (
+    FilterOptions,
+    FlashOptions,
+    KVOptions,
+    LoadOptions,
+    RuntimeOptions,
+    SamplingOptions,
+    VocabOptions,
+)
+from .prompt_cache import KVState, PromptCache
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError", "BudgetError", "CacheFileError", "ContextLengthError",
-    "FlashInferError", "GenerationChunk", "InvalidArgumentError", "InvalidModelFileError",
-    "KVBudgetError", "KVState", "Model",
-    "ModelNotFoundError", "UnsupportedModelError", "load", "__version__",
+    "FilterOptions", "FlashInferError", "FlashOptions", "GenerationChunk", "GenerationStats",
+    "InvalidArgumentError", "InvalidModelFileError", "KVBudgetError", "KVOptions", "KVState",
+    "LoadOptions", "Model", "ModelNotFoundError", "PromptCache", "RuntimeOptions",
+    "SamplingOptions", "UnsupportedModelError", "VocabOptions", "load", "__version__",
 ]

@@ -150,8 +150,8 @@ def test_gemma_pass_key_kept_and_pass2_from_position_0(gemma3):
     assert all(d in kept for d in digits)
     # pass 2 ran the kept tokens alone, from position 0: the cache holds exactly them (+ the
     # generated tokens but the last), and generating from them unfiltered gives the same text
-    assert m._cached_ids[:192] == kept
-    assert m._caches[0].offset == 192 + s["generated_tokens"] - 1
+    assert m.prompt_cache.ids[:192] == kept
+    assert m.prompt_cache.caches[0].offset == 192 + s["generated_tokens"] - 1
     assert m.generate(kept, max_tokens=8) == out
 
 
@@ -171,7 +171,7 @@ def test_chat_refilters_the_raw_history(smollm2):
     assert s["filter_tokens_before"] == len(raw)  # the whole raw history, not the kept one
     after = s["filter_tokens_after"]
     assert after == 96
-    assert m._cached_ids[:after] == m.filter_prompt(raw, keep=96, layer=4).kept_ids
+    assert m.prompt_cache.ids[:after] == m.filter_prompt(raw, keep=96, layer=4).kept_ids
 
 
 def test_cli_filter_flags(smollm2_path):
@@ -195,7 +195,7 @@ def test_rope_rows_come_from_one_shared_block_per_configuration(gemma3):
     from flashinfer_lite.kernels.ops import rope_tables
     from flashinfer_lite.models.common import RopeTable
 
-    assert len({id(c._rope_table) for c in gemma3._net.cores}) == 2  # local + global bases
+    assert len({id(c._rope_table) for c in gemma3.net.cores}) == 2  # local + global bases
     table = RopeTable(256, 1e6, 1.0, None)
     for positions in (np.arange(0, 256), np.arange(1000, 1300), np.array([40000]),
                       np.arange(5, 9), np.arange(3000, 3000 + 2500)):
@@ -218,7 +218,7 @@ def test_mlx_selects_the_same_tokens_as_onnxruntime(gemma3, gemma3_path):
     assert len(ids) > 3 * keep
     m = fl.load(gemma3_path, backend="mlx", prefill_chunk=chunk)
     got = m.filter_prompt(ids, keep=keep)
-    assert type(m._caches[0]).__name__ == "MlxKVCache"  # the device path, not the host one
+    assert type(m.prompt_cache.caches[0]).__name__ == "MlxKVCache"  # the device path
     gf = gemma3.gemfilter
     gf.chunk = chunk  # the same chunking on both sides
     try:

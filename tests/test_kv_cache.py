@@ -342,8 +342,8 @@ def test_bounded_generation_runs_past_the_context(smollm2_path):
     ids = m.tokenize("Once upon a time, a lighthouse keeper named Tom lived by the sea. "
                      "Every night he")
     out = list(m.stream(ids, max_tokens=220, temperature=0.0))
-    assert len(out) == 220 and m._caches[0].offset > 160  # past ctx_size, no error
-    assert all(c.held <= 4 + 128 + EVICT_STEP + 1 for c in m._caches)
+    assert len(out) == 220 and m.prompt_cache.caches[0].offset > 160  # past ctx_size, no error
+    assert all(c.held <= 4 + 128 + EVICT_STEP + 1 for c in m.prompt_cache.caches)
     tokens = [c.token for c in out[-100:]]
     assert len(set(tokens)) > 20  # still text, not one token repeated
 
@@ -358,10 +358,10 @@ def test_sliding_window_layers_keep_only_their_window_exactly(gemma3):
     c = gemma3.config
 
     def hidden(caches):  # final hidden states, fed in prefill chunks as the model does
-        return np.concatenate([gemma3._net.forward(np.asarray(ids[a : a + 256]), caches)
+        return np.concatenate([gemma3.net.forward(np.asarray(ids[a : a + 256]), caches)
                                for a in range(0, len(ids), 256)])
 
-    windowed = gemma3._make_caches()
+    windowed = gemma3.make_prompt_cache().caches
     h_windowed = hidden(windowed)
     h_full = hidden(make_kv_caches(KVSpec("f16"), c.n_layers, c.n_kv_heads, c.head_dim))
     local = [w.held for i, w in enumerate(windowed) if c.is_sliding(i)]
@@ -375,7 +375,7 @@ def test_prompt_cache_file_roundtrip(smollm2_path, tmp_path, kind):
     a = fl.load(smollm2_path, kv_cache=kind, threads=2)
     prompt = "The Python interpreter reads a source file and"
     first = a.generate(prompt, max_tokens=8)
-    saved = len(a._cached_ids)
+    saved = len(a.prompt_cache.ids)
     a.save_cache(tmp_path / "c.flkv")
     assert not list(tmp_path.glob("*.tmp"))  # written under a temporary name, then renamed
     cont = a.generate(prompt + first + " Then", max_tokens=8)
@@ -413,13 +413,14 @@ def test_prompt_cache_file_refused_when_wrong(smollm2_path, gemma3, tmp_path):
 
 def test_kv_budget_is_a_clear_error_or_a_bounded_cache(smollm2_path):
     from flashinfer_lite.memory import parse_budget
+    from flashinfer_lite.planning import DENSE_RSS_PER_FILE_BYTE
 
     probe = fl.load(smollm2_path, threads=2)
     # the smallest budget that keeps the dense model (below it the planner goes to flash)
     file_bytes = smollm2_path.stat().st_size
-    budget = int(probe.DENSE_RSS_PER_FILE_BYTE * file_bytes + probe.kv_bytes_needed(1024)) + 1
+    budget = int(DENSE_RSS_PER_FILE_BYTE * file_bytes + probe.kv_bytes_needed(1024)) + 1
     m = fl.load(smollm2_path, memory_budget=budget, threads=2)
-    assert m._flash is None and m.memory_budget == parse_budget(budget, file_bytes)
+    assert m.flash is None and m.memory_budget == parse_budget(budget, file_bytes)
     left = m.kv_budget_bytes()
     n = next(n for n in range(256, 8192, 64) if m.kv_bytes_needed(n) > left)
     ids = m.tokenize("word " * (2 * n))[:n]

@@ -74,7 +74,7 @@ def smollm2_mlx(smollm2_path):
 def test_logits_match_numpy_through_chunked_prefill(smollm2_numpy, smollm2_mlx):
     ids = _ids(smollm2_numpy, 7)  # 2 chunks: the device cache and causal masks across chunks
     ref, got = smollm2_numpy.logits(ids), smollm2_mlx.logits(ids)
-    assert type(smollm2_mlx._caches[0]).__name__ == "MlxKVCache"
+    assert type(smollm2_mlx.prompt_cache.caches[0]).__name__ == "MlxKVCache"
     assert np.abs(got - ref).max() < 0.05
     assert (got.argmax(-1) == ref.argmax(-1)).all()
 
@@ -89,9 +89,9 @@ def test_greedy_decode_matches_numpy(smollm2_numpy, smollm2_mlx, tmp_path):
     # the device cache round-trips through a prompt-cache file
     path = tmp_path / "prompt.flkv"
     smollm2_mlx.save_cache(path)
-    held = smollm2_mlx._caches[0].offset
+    held = smollm2_mlx.prompt_cache.caches[0].offset
     smollm2_mlx.reset()
-    assert smollm2_mlx.load_cache(path) == held == smollm2_mlx._caches[0].offset
+    assert smollm2_mlx.load_cache(path) == held == smollm2_mlx.prompt_cache.caches[0].offset
     assert smollm2_mlx.generate(prompt, max_tokens=3) == b
     assert smollm2_mlx.stats["prompt_tokens_reused"] > 0
 
@@ -102,7 +102,7 @@ def test_quantized_kv_cache_stays_on_host(smollm2_path, smollm2_numpy):
     m = fl.load(smollm2_path, backend="mlx", kv_cache="q8", prefill_chunk=4)
     ids = _ids(smollm2_numpy, 6)
     got = m.logits(ids)
-    assert type(m._caches[0]).__name__ == "QuantizedKVCache"
+    assert type(m.prompt_cache.caches[0]).__name__ == "QuantizedKVCache"
     assert np.abs(got - smollm2_numpy.logits(ids)).max() < 0.05
 
 
@@ -161,7 +161,7 @@ def test_flash_ffn_on_the_device_matches_the_cpu_one(smollm2_path, smollm2_numpy
     ids = _ids(smollm2_numpy, 5)
     cpu = fl.load(smollm2_path, backend="numpy", ffn_share=0.5, prefill_chunk=2)
     gpu = fl.load(smollm2_path, backend="mlx", ffn_share=0.5, prefill_chunk=2)
-    assert isinstance(gpu._flash, MlxFlashFFN)
+    assert isinstance(gpu.flash, MlxFlashFFN)
     ref, got = cpu.logits(ids), gpu.logits(ids)
     # the skip rule may flip a neuron at its threshold between backends: compare predictions
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 4 / 5
@@ -193,7 +193,7 @@ def test_preview_head_grid_on_mlx(smollm2_file):
 
 
 def test_auto_picks_mlx_only_with_a_gpu():
-    from flashinfer_lite.model import make_backend
+    from flashinfer_lite.loading import make_backend
 
     assert make_backend("auto", 1).name == ("mlx" if mlx_gpu_available() else "onnxruntime")
 

@@ -89,9 +89,9 @@ def test_two_stage_head_is_exact_on_candidates(two_models, smollm2_file):
     h = m.hidden_states(ids)
     table = smollm2_file.dense("token_embd.weight")
     full = h @ table.T  # the exact head
-    two = m._vocab_head(h)
+    two = m.vocab_head(h)
     for t in range(len(h)):
-        cand = m._vocab_head.candidates(m._vocab_head.preview(h[t : t + 1])[0])
+        cand = m.vocab_head.candidates(m.vocab_head.preview(h[t : t + 1])[0])
         assert np.allclose(two[t, cand], full[t, cand], atol=1e-3)
         assert two[t].max() == two[t, cand].max()  # the capped tail never wins
     assert (two.argmax(1) == full.argmax(1)).mean() >= 0.98
@@ -121,10 +121,10 @@ def test_planner_puts_vocabulary_on_flash_only_when_needed(flash_dir):
     """Budgets from benchmarks/results/budget_smollm2-135m.json: 160 MB only fits with the
     vocabulary on flash, 200 MB fits the resident head; both stay within the budget."""
     tight = fl.load(flash_dir, memory_budget="160MB", threads=2)
-    assert tight._vocab_head is not None
+    assert tight.vocab_head is not None
     # the pools' slot maps and scratch are not in the plan: within 1%
     assert tight.held_bytes + tight.plan.kv_reserve_bytes <= 1.01 * tight.memory_budget
     roomy = fl.load(flash_dir, memory_budget="200MB", threads=2)
-    assert roomy._vocab_head is None
+    assert roomy.vocab_head is None
     with pytest.raises(fl.BudgetError, match="minimum is"):
         fl.load(flash_dir, memory_budget="120MB", threads=2)

@@ -3,10 +3,12 @@ only the new turn is prefilled), /reset, /stats, /exit, Ctrl-C stops the current
 
 from __future__ import annotations
 
-import json
 import sys
 
 import click
+
+from ..generate import GenerationStats
+from ..memory import format_bytes
 
 HELP = "commands: /reset (new conversation), /stats, /exit (or Ctrl-D)"
 
@@ -45,7 +47,7 @@ def run_chat(m, system: str | None, max_tokens: int, sampling: dict,
             click.echo("(conversation cleared)", err=True)
             continue
         if text == "/stats":
-            click.echo(json.dumps(m.stats, indent=1, default=str))
+            click.echo("\n".join(stats_lines(m.generation_stats, m.resident_bytes)))
             continue
         if text.startswith("/"):
             click.echo(f"unknown command {text.split()[0]}; {HELP}", err=True)
@@ -60,3 +62,31 @@ def run_chat(m, system: str | None, max_tokens: int, sampling: dict,
             click.echo(" [stopped]", err=True)
         click.echo()
         history.append({"role": "assistant", "content": "".join(reply)})
+
+
+def _rate(value: float | None) -> str:
+    return f"{value:.1f} tokens/s" if value else "-"
+
+
+def stats_lines(s: GenerationStats | None, resident_bytes: int) -> list[str]:
+    """The last reply's numbers in a few readable lines (as Ollama's --verbose prints them)."""
+    if s is None:
+        return ["no reply yet"]
+    reused = f" ({s.prompt_tokens_reused} reused)" if s.prompt_tokens_reused else ""
+    lines = [f"prompt:      {s.prompt_tokens} tokens{reused}, {s.prefill_tokens} prefilled at "
+             f"{_rate(s.prefill_tokens_per_s)}",
+             f"generated:   {s.generated_tokens} tokens at {_rate(s.tokens_per_s)}",
+             f"first token: {s.ttft_s:.3f} s" if s.ttft_s is not None else "first token: -",
+             f"memory:      RSS {format_bytes(s.rss_bytes or 0)} (peak "
+             f"{format_bytes(s.peak_rss_bytes or 0)}), weights {format_bytes(resident_bytes)}, "
+             f"KV cache {format_bytes(s.kv_bytes)}"]
+    if s.flash.get("flash_reads"):
+        hit = s.flash.get("neuron_cache_hit_rate")
+        lines.append(f"flash:       {s.flash['flash_reads']} reads, "
+                     f"{format_bytes(s.flash['flash_bytes_read'])}"
+                     + (f", neuron cache hit rate {hit:.0%}" if hit is not None else ""))
+    if s.filtered is not None:
+        f = s.filtered
+        lines.append(f"filter:      GemFilter kept {f.tokens_after} of {f.tokens_before} prompt "
+                     f"tokens (layer {f.layer})")
+    return lines

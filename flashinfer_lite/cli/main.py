@@ -13,26 +13,40 @@ import sys
 import click
 
 from ..errors import FlashInferError
+from ..options import (
+    BACKENDS,
+    FILTER_MODES,
+    KV_KINDS,
+    FilterOptions,
+    KVOptions,
+    RuntimeOptions,
+    SamplingOptions,
+    ServerOptions,
+)
 from ..registry import short_names_help
 
+# the defaults every flag shows and passes on (options.py holds them)
+RUNTIME, KV, FILTER = RuntimeOptions(), KVOptions(), FilterOptions()
+SAMPLING, SERVER = SamplingOptions(), ServerOptions()
 MODEL_HELP = f"a .gguf path or a short name: {short_names_help()}"
 
 
 def common_model_options(f):
     f = click.option("-m", "--model", default=None, help=MODEL_HELP)(f)
-    f = click.option("--backend", default="auto", show_default=True,
-                     type=click.Choice(["auto", "onnxruntime", "numpy", "mlx"]))(f)
+    f = click.option("--backend", default=RUNTIME.backend, show_default=True,
+                     type=click.Choice(BACKENDS))(f)
     f = click.option("-t", "--threads", type=click.IntRange(min=1), default=None,
                      help="CPU threads (default: physical cores)")(f)
     f = click.option("-c", "--ctx-size", type=click.IntRange(min=1), default=None,
                      help="context length (default: the model's)")(f)
-    f = click.option("--kv-cache", default="f16", show_default=True,
-                     type=click.Choice(["f16", "f32", "q8", "q4"]),
+    f = click.option("--kv-cache", default=KV.kind, show_default=True,
+                     type=click.Choice(KV_KINDS),
                      help="KV cache: float16, or KIVI-style 8/4-bit")(f)
     f = click.option("--kv-window", type=click.IntRange(min=1), default=None,
                      help="bound the KV cache to the sinks + this many recent tokens "
                           "(a chat may then run past the context)")(f)
-    f = click.option("--kv-sinks", type=click.IntRange(min=0), default=4, show_default=True,
+    f = click.option("--kv-sinks", type=click.IntRange(min=0), default=KV.sinks,
+                     show_default=True,
                      help="first tokens a bounded cache always keeps")(f)
     f = click.option("--memory-budget", default=None,
                      help="e.g. 300MB, 1.5GB, or 0.5 (a fraction of the model file); below "
@@ -44,15 +58,15 @@ def common_model_options(f):
 
 def filter_options(f):
     """GemFilter flags; they reach load() as **filter_opts."""
-    f = click.option("--token-filter", type=click.Choice(["none", "gemfilter", "auto"]),
+    f = click.option("--token-filter", type=click.Choice(["none", *FILTER_MODES]),
                      default="none", show_default=True,
                      help="filter long prompts with an early layer (GemFilter); auto: from "
                           "--filter-threshold tokens on")(f)
-    f = click.option("--filter-keep", type=click.IntRange(min=1), default=1024,
+    f = click.option("--filter-keep", type=click.IntRange(min=1), default=FILTER.keep,
                      show_default=True, help="prompt tokens GemFilter keeps")(f)
     f = click.option("--filter-layer", type=click.IntRange(min=0), default=None,
                      help="layer whose attention scores the tokens (default: the model's)")(f)
-    f = click.option("--filter-threshold", type=click.IntRange(min=1), default=4096,
+    f = click.option("--filter-threshold", type=click.IntRange(min=1), default=FILTER.threshold,
                      show_default=True, help="prompt length from which auto filters")(f)
     return f
 
@@ -60,17 +74,18 @@ def filter_options(f):
 def sampling_options(f):
     f = click.option("--temp", "temperature", type=float, default=None,
                      help="temperature; 0 = greedy")(f)
-    f = click.option("--top-k", type=int, default=40, show_default=True)(f)
-    f = click.option("--top-p", type=float, default=0.95, show_default=True)(f)
-    f = click.option("--min-p", type=float, default=0.05, show_default=True)(f)
-    f = click.option("--repeat-penalty", type=float, default=1.0, show_default=True)(f)
+    f = click.option("--top-k", type=int, default=SAMPLING.top_k, show_default=True)(f)
+    f = click.option("--top-p", type=float, default=SAMPLING.top_p, show_default=True)(f)
+    f = click.option("--min-p", type=float, default=SAMPLING.min_p, show_default=True)(f)
+    f = click.option("--repeat-penalty", type=float, default=SAMPLING.repeat_penalty,
+                     show_default=True)(f)
     f = click.option("--seed", type=int, default=None)(f)
     f = click.option("--stop", multiple=True, help="stop string (repeatable)")(f)
     return f
 
 
-def _load(model, backend, threads, ctx_size, kv_cache, memory_budget, ffn_share=None,
-          kv_window=None, kv_sinks=4, token_filter="none", **filter_opts):
+def _load(model, backend, threads, ctx_size, kv_cache, memory_budget, ffn_share, kv_window,
+          kv_sinks, token_filter="none", **filter_opts):
     from .. import load
 
     budget = memory_budget
@@ -97,21 +112,27 @@ def app():
 @app.command()
 @common_model_options
 @sampling_options
-@click.option("-p", "--prompt", required=True, help="the prompt text")
+@click.option("-p", "--prompt", required=True, help="the prompt text; '-' reads it from stdin")
 @click.option("-n", "--n-predict", "max_tokens", type=click.IntRange(min=0), default=128,
               show_default=True, help="tokens to generate")
-@click.option("--chat-template/--raw", "use_template", default=False,
-              help="wrap the prompt as one user turn of the model's chat template")
+@click.option("--chat-template/--raw", "use_template", default=None,
+              help="the prompt as one user turn of the model's chat template (the default "
+                   "when the model has one) / as plain text to complete")
 @click.option("--json", "as_json", is_flag=True, help="print text and stats as one JSON object")
 def generate(model, backend, threads, ctx_size, kv_cache, kv_window, kv_sinks, memory_budget,
              ffn_share, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, prompt,
              max_tokens, use_template, as_json, **filter_opts):
-    """One-shot generation from a prompt."""
+    """One-shot generation from a prompt: an answer to it as a chat message where the model
+    has a chat template, else (or with --raw) its continuation."""
+    if prompt == "-":
+        prompt = click.get_text_stream("stdin").read().removesuffix("\n")
     m = _load(model, backend, threads, ctx_size, kv_cache, memory_budget, ffn_share, kv_window,
               kv_sinks, **filter_opts)
     kw = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, 0.0)
-    source = m.apply_chat_template([{"role": "user", "content": prompt}]) if use_template \
-        else prompt
+    if m.has_chat_template if use_template is None else use_template:
+        source = m.apply_chat_template([{"role": "user", "content": prompt}])
+    else:
+        source = prompt
     parts, last = [], None
     for chunk in m.stream(source, max_tokens=max_tokens, **kw):
         parts.append(chunk.text)
@@ -241,12 +262,13 @@ def convert(model, out, force, verify, calibration_tokens):
 @click.option("--api-key", envvar="FLASHINFER_LITE_API_KEY", default=None,
               help="require 'Authorization: Bearer KEY' on every request "
                    "(or set FLASHINFER_LITE_API_KEY)")
-@click.option("--cache-slots", type=click.IntRange(min=0), default=4, show_default=True,
-              help="conversations whose KV cache is kept for their next turn")
-@click.option("--cache-memory", default="256MB", show_default=True,
-              help="most memory the kept conversation caches may hold (e.g. 64MB)")
-@click.option("--max-queue", type=click.IntRange(min=1), default=64, show_default=True,
-              help="requests waiting beyond this get 503")
+@click.option("--cache-slots", type=click.IntRange(min=0), default=SERVER.cache_slots,
+              show_default=True, help="conversations whose KV cache is kept for their next turn")
+@click.option("--cache-memory", default=None,
+              help="most memory the kept conversation caches may hold, e.g. 64MB "
+                   f"(default: {SERVER.cache_bytes >> 20} MiB)")
+@click.option("--max-queue", type=click.IntRange(min=1), default=SERVER.max_queue,
+              show_default=True, help="requests waiting beyond this get 503")
 @click.option("--model-id", default=None,
               help="the name clients send as 'model' (default: -m's value or the file's stem)")
 def serve(model, backend, threads, ctx_size, kv_cache, kv_window, kv_sinks, memory_budget,
@@ -261,7 +283,7 @@ def serve(model, backend, threads, ctx_size, kv_cache, kv_window, kv_sinks, memo
     from ..server.run import serve as run_server
 
     _require_server_extra()  # before the model loads: a missing extra fails fast
-    cache_bytes = parse_budget(cache_memory, 0)
+    cache_bytes = SERVER.cache_bytes if cache_memory is None else parse_budget(cache_memory, 0)
     if not is_loopback(host):
         click.echo(f"warning: listening on {host}: other machines can reach this server"
                    + ("" if api_key else " and it has no --api-key"), err=True)

@@ -1,9 +1,7 @@
 """Prompt token filters: an early layer picks the tokens the full model reads (GemFilter)."""
 
+from ..options import DEFAULT_KEEP, DEFAULT_THRESHOLD, FilterOptions
 from .gemfilter import (
-                        DEFAULT_KEEP,
-                        DEFAULT_THRESHOLD,
-                        FilterOptions,
                         FilterResult,
                         GemFilter,
                         default_filter_layer,

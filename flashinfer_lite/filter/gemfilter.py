@@ -20,48 +20,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..cache.kv import KVSpec
 from ..config import ModelConfig
 from ..errors import InvalidArgumentError
+from ..options import FilterOptions
+from ..prompt_cache import make_layer_caches
 
-FILTER_MODES = ("gemfilter", "auto")
-DEFAULT_KEEP = 1024
-# token_filter="auto" applies from this many prompt tokens on (chosen from
-# benchmarks/results/gemfilter_gemma3-270m.json: see the README's GemFilter section).
-DEFAULT_THRESHOLD = 4096
 SMOOTH_WIDTH = 5  # the paper's avg_pool1d kernel
 STRUCTURE_SPAN = 4  # tokens after a control token that may hold its role line ("user\n")
-CONTROL_TOKEN = 3  # tokenizer.ggml.token_type of control tokens (<bos>, <start_of_turn>, ...)
-
-
-@dataclass(frozen=True)
-class FilterOptions:
-    """What load()/generate() were asked for: mode None | "gemfilter" | "auto", the number of
-    tokens to keep, the filter layer (None: the model's default) and auto's threshold."""
-
-    mode: str | None = None
-    keep: int = DEFAULT_KEEP
-    layer: int | None = None
-    threshold: int = DEFAULT_THRESHOLD
-
-    def __post_init__(self):
-        if self.mode is not None and self.mode not in FILTER_MODES:
-            raise InvalidArgumentError(
-                f"token_filter must be None, 'gemfilter' or 'auto'; got {self.mode!r}")
-        for name, value, low in (("filter_keep", self.keep, 1),
-                                 ("filter_threshold", self.threshold, 1)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-                raise InvalidArgumentError(f"{name} must be an integer >= {low}; got {value!r}")
-        if self.layer is not None and (isinstance(self.layer, bool) or
-                                       not isinstance(self.layer, (int, np.integer))
-                                       or self.layer < 0):
-            raise InvalidArgumentError(
-                f"filter_layer must be an integer >= 0 or None; got {self.layer!r}")
-
-    def applies(self, n_tokens: int) -> bool:
-        """Whether a prompt of n_tokens is filtered: never when it fits in `keep` anyway."""
-        if self.mode is None or n_tokens <= self.keep:
-            return False
-        return self.mode == "gemfilter" or n_tokens >= self.threshold
 
 
 def default_filter_layer(cfg: ModelConfig) -> int:
@@ -167,13 +133,13 @@ class FilterResult:
 
 
 class GemFilter:
-    """Pass 1 and the selection for one model (net: a models.common.CausalLM)."""
+    """Pass 1 and the selection for one model: its net (a models.common.CausalLM, run with
+    stop_at), the KV cache kind its layers use, the control tokens and each token's text."""
 
-    def __init__(self, net, cfg: ModelConfig, is_control: np.ndarray,
-                 token_text: Callable[[int], str], make_caches: Callable[[], list],
-                 chunk: int = 256):
-        self.net, self.cfg, self.is_control = net, cfg, is_control
-        self.token_text, self.make_caches, self.chunk = token_text, make_caches, chunk
+    def __init__(self, net, spec: KVSpec, is_control: np.ndarray,
+                 token_text: Callable[[int], str], chunk: int = 256):
+        self.net, self.cfg, self.spec, self.is_control = net, net.cfg, spec, is_control
+        self.token_text, self.chunk = token_text, chunk
 
     def scores(self, ids: Sequence[int], layer: int) -> np.ndarray:
         """(N,) raw scores: the last token's query at `layer` against every key there, summed
@@ -181,7 +147,7 @@ class GemFilter:
         c = self.cfg
         n = len(ids)
         ids = np.asarray(ids, np.int64)
-        caches = self.make_caches()  # only layers < `layer` are written
+        caches = make_layer_caches(self.net, self.spec)  # only layers < `layer` are written
         # layer r's rotated keys, float16: 16 MB for Gemma 3 at 32k tokens
         keys = np.empty((n, c.n_kv_heads, c.head_dim), np.float16)  # (N, Hkv, D)
         host = self.net.backend.to_host

@@ -85,8 +85,8 @@ def calibrate(f, n_tokens: int = 512) -> dict:
     from ..cache.kv import make_kv_caches
     from ..config import ModelConfig
     from ..kernels.onnxruntime_backend import OnnxRuntimeBackend
-    from ..model import default_threads
     from ..models import build_model
+    from ..options import default_threads
     from ..tokenizer import Tokenizer
 
     cfg = ModelConfig.from_gguf(f)

@@ -28,9 +28,8 @@ from ..kernels.ops import ACTIVATIONS
 from ..kernels.sparse_ffn import sparse_ffn
 from ..loaders.direct_io import FlashReader, coalesce
 from ..loaders.flash_format import FlashManifest
+from ..options import FFN_MODES as MODES
 from .lookahead import Lookahead
-
-MODES = ("naive", "skip", "cache", "ours")
 
 
 class FlashFFN:

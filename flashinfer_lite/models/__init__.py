@@ -13,5 +13,5 @@ def model_class(cfg):
     return LlamaModel
 
 
-def build_model(f, backend, cfg, ffn=None, head=True):
-    return model_class(cfg)(f, backend, cfg, ffn=ffn, head=head)
+def build_model(f, backend, cfg, ffn=None, head=True, embed_rows=None):
+    return model_class(cfg)(f, backend, cfg, ffn=ffn, head=head, embed_rows=embed_rows)

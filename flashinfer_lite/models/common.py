@@ -122,14 +122,14 @@ class CausalLM:
     HEAD_SLICE_ROWS = 8192  # load transients scale with a slice: 8192 rows keep peak RSS ~ held
 
     def __init__(self, f: GGUFFile, backend: Backend, cfg: ModelConfig, ffn=None,
-                 head: bool = True):
+                 head: bool = True, embed_rows=None):
         """ffn: None for the dense FFN inside the segments, or a callable
         (layer, h (T, d), gate (T, ffn)) -> (T, d) that runs the FFN outside them; the gate
         pre-activations come from the resident gate weight inside the segment.
         head=False leaves the output head out (the vocabulary lives on flash: vocab/), and
         `embed_rows` may then supply embedding rows (ids (T,) -> (T, d) float32)."""
         self.file, self.cfg, self.backend, self.ffn = f, cfg, backend, ffn
-        self.embed_rows = None
+        self.embed_rows = embed_rows
         d, q_width = cfg.d_model, cfg.n_heads * cfg.head_dim
         n = cfg.n_layers
         rope_tables: dict = {}  # one per RoPE configuration, shared by the layers

@@ -19,7 +19,9 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from ..errors import ContextLengthError, FlashInferError
-from ..model import KVState, Model
+from ..model import Model
+from ..options import ServerOptions
+from ..prompt_cache import PromptCache, common_prefix
 from .errors import OpenAIError
 
 log = logging.getLogger("flashinfer_lite.server")
@@ -46,31 +48,19 @@ class Job:
 
 @dataclass
 class _Slot:
-    state: KVState
+    state: PromptCache
     prompt_len: int  # the prompt this state answered; a next turn starts with all of it
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class Engine:
     """Serializes requests onto one Model (see the module docstring)."""
 
-    def __init__(self, model: Model, cache_slots: int = 4, max_queue: int = 64,
-                 cache_bytes: int | None = 256 * 2**20):
-        if cache_slots < 0 or max_queue < 1:
-            raise ValueError(f"cache_slots >= 0 and max_queue >= 1; got {cache_slots}, "
-                             f"{max_queue}")
+    def __init__(self, model: Model, options: ServerOptions | None = None):
         self.model = model
-        self.cache_slots = cache_slots
-        self.cache_bytes = cache_bytes  # bound on the parked caches' memory (None: no bound)
-        self.max_queue = max_queue
+        options = options or ServerOptions()
+        self.cache_slots = options.cache_slots
+        self.cache_bytes = options.cache_bytes  # bound on the parked caches' memory
+        self.max_queue = options.max_queue
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._slots: OrderedDict[int, _Slot] = OrderedDict()  # least recently used first
         self._slot_ids = itertools.count()
@@ -171,10 +161,10 @@ class Engine:
             return
         self._park(state, len(ids))
         self.counters["served"] += 1
-        stats = m.stats
-        usage = {"prompt_tokens": len(ids), "completion_tokens": stats["generated_tokens"],
-                 "total_tokens": len(ids) + stats["generated_tokens"],
-                 "prompt_tokens_details": {"cached_tokens": stats["prompt_tokens_reused"]}}
+        stats = m.generation_stats
+        usage = {"prompt_tokens": len(ids), "completion_tokens": stats.generated_tokens,
+                 "total_tokens": len(ids) + stats.generated_tokens,
+                 "prompt_tokens_details": {"cached_tokens": stats.prompt_tokens_reused}}
         job.emit("end", finish, usage)
 
     def _check_room(self, n_prompt: int, max_tokens: int | None) -> int:
@@ -198,7 +188,7 @@ class Engine:
         return max_tokens
 
     # ---- conversation caches -----------------------------------------------------------------
-    def _take_slot(self, ids: list[int]) -> KVState | None:
+    def _take_slot(self, ids: list[int]) -> PromptCache | None:
         """The parked cache this request continues: its whole prompt is a prefix of ids and ids
         go on past it (a next turn). A repeated or unrelated prompt starts from an empty cache:
         the prefix path and the full-prefill path round differently, so reusing only real
@@ -207,12 +197,12 @@ class Engine:
         for key, slot in self._slots.items():
             if len(ids) <= slot.prompt_len:
                 continue
-            n = _common_prefix(slot.state.ids, ids)
+            n = common_prefix(slot.state.ids, ids)
             if n >= slot.prompt_len and n > best_n:
                 best, best_n = key, n
         return self._slots.pop(best).state if best is not None else None
 
-    def _park(self, state: KVState, prompt_len: int) -> None:
+    def _park(self, state: PromptCache, prompt_len: int) -> None:
         if self.cache_slots == 0 or not state.ids:
             return
         self._slots[next(self._slot_ids)] = _Slot(state, prompt_len)

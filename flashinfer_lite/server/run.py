@@ -6,8 +6,10 @@ import socket
 import threading
 import time
 
-from ..errors import BackendUnavailableError
+from ..errors import BackendUnavailableError, InvalidArgumentError
 from ..model import Model
+from ..options import ServerOptions, with_kwargs
+from .engine import Engine
 
 
 def _require_server_extra():
@@ -33,28 +35,37 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        from ..errors import InvalidArgumentError
-
         raise InvalidArgumentError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     sock.listen(128)
     sock.setblocking(False)
     return sock
 
 
+def _engine_and_app(model: Model, model_id: str, api_key: str | None,
+                    options: ServerOptions | None, kwargs: dict):
+    """The engine over model and the app over the engine. kwargs: ServerOptions' fields
+    (cache_slots, max_queue, cache_bytes), over options."""
+    # FastAPI is an extra: the app's module imports only once it is known to be there
+    from .app import create_app
+
+    options = with_kwargs(options or ServerOptions(), kwargs)
+    if kwargs:
+        raise InvalidArgumentError(f"unknown server option {sorted(kwargs)[0]!r}")
+    engine = Engine(model, options)
+    return engine, create_app(engine, model_id, api_key=api_key)
+
+
 class LocalServer:
     """The server on a background thread, on host:port (port 0: a free one). The model stays
-    the caller's: stop() (or leaving the with block) stops serving but does not close it."""
+    the caller's: stop() (or leaving the with block) stops serving but does not close it.
+    Queue and cache options: ServerOptions (options=, or its fields as keywords)."""
 
     def __init__(self, model: Model, model_id: str, host: str = "127.0.0.1", port: int = 0,
-                 api_key: str | None = None, cache_slots: int = 4, max_queue: int = 64,
-                 cache_bytes: int | None = 256 * 2**20, log_level: str = "warning"):
+                 api_key: str | None = None, log_level: str = "warning",
+                 options: ServerOptions | None = None, **server_options):
         uvicorn = _require_server_extra()
-        from .app import create_app
-        from .engine import Engine
-
-        self.engine = Engine(model, cache_slots=cache_slots, max_queue=max_queue,
-                             cache_bytes=cache_bytes)
-        self.app = create_app(self.engine, model_id, api_key=api_key)
+        self.engine, self.app = _engine_and_app(model, model_id, api_key, options,
+                                                server_options)
         self._sock = _bind(host, port)
         self.host, self.port = self._sock.getsockname()[:2]
         config = uvicorn.Config(self.app, log_level=log_level, access_log=False,
@@ -96,17 +107,11 @@ class LocalServer:
 
 
 def serve(model: Model, model_id: str, host: str = "127.0.0.1", port: int = 8080,
-          api_key: str | None = None, cache_slots: int = 4, max_queue: int = 64,
-          cache_bytes: int | None = 256 * 2**20, log_level: str = "info",
-          on_ready=None) -> None:
+          api_key: str | None = None, log_level: str = "info", on_ready=None,
+          options: ServerOptions | None = None, **server_options) -> None:
     """Serve in the foreground until Ctrl-C / SIGTERM. on_ready(base_url) once listening."""
     uvicorn = _require_server_extra()
-    from .app import create_app
-    from .engine import Engine
-
-    engine = Engine(model, cache_slots=cache_slots, max_queue=max_queue,
-                             cache_bytes=cache_bytes)
-    app = create_app(engine, model_id, api_key=api_key)
+    engine, app = _engine_and_app(model, model_id, api_key, options, server_options)
     sock = _bind(host, port)
     bound = sock.getsockname()
     if on_ready is not None:
