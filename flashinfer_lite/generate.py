@@ -21,6 +21,7 @@ from .filter.gemfilter import FilterResult
 from .memory import peak_rss_bytes, rss_bytes
 from .prompt_cache import PromptCache
 from .sampling import LogitsProcessor, Sampler
+from .speculative import DraftOptions, NgramDrafter, SpeculationStats, speculative_step
 
 # RSS is read (psutil, a /proc read) every this many tokens and at the end of a call
 RSS_EVERY = 32
@@ -63,6 +64,7 @@ class GenerationStats:
     filtered: FilterResult | None = None  # when the prompt was filtered (GemFilter's pass 1)
     filter_pass2_s: float | None = None
     flash: dict = field(default_factory=dict)  # flash and vocabulary reports (per token too)
+    speculation: SpeculationStats | None = None  # when drafts were verified
     cancelled: bool = False
 
     @property
@@ -101,6 +103,8 @@ class GenerationStats:
                "filter_pass1_s": f.pass1_s if f else 0.0,
                "filter_pass1_bytes": f.pass1_bytes if f else 0,
                "filter_pass2_s": self.filter_pass2_s, **self.flash}
+        if self.speculation is not None:
+            out.update(self.speculation.as_dict())
         if self.now is not None:
             out.update(ttft_s=self.ttft_s, prefill_tokens=self.prefill_tokens,
                        prefill_tokens_per_s=self.prefill_tokens_per_s,
@@ -139,7 +143,8 @@ class Runner:
     def __call__(self, cache: PromptCache, ids: Sequence[int], out: str = "last",
                  cancel: threading.Event | None = None) -> np.ndarray:
         """Feed ids after what cache holds, in chunks; returns the last position's logits
-        (vocab,) (out="last"), every position's (T, vocab) ("all"), or the hidden states
+        (vocab,) (out="last"), every position's (T, vocab) ("all"; "sample": through the head
+        generation samples from, as speculative verification needs), or the hidden states
         (T, d) ("hidden"). On an error or Ctrl-C mid-chunk the cache is rolled back to the ids
         it holds; a set cancel event raises Cancelled between chunks."""
         self.limits.check(len(cache.ids) + len(ids), cache)
@@ -153,8 +158,8 @@ class Runner:
                 cache.ids.extend(chunk)
                 if out == "hidden":
                     outs.append(h)
-                elif out == "all":
-                    outs.append(self.head(h, True))
+                elif out in ("all", "sample"):
+                    outs.append(self.head(h, out == "all"))
                 elif s + self.chunk >= len(ids):
                     outs.append(self.head(h[-1:], False))
         except BaseException:
@@ -233,11 +238,14 @@ def stream_generate(runner: Runner, tokenizer, cache: PromptCache, ids: Sequence
                     max_tokens: int, sampler: Sampler, processors: Sequence[LogitsProcessor],
                     stops: Sequence[str], stats: GenerationStats,
                     flash_report: Callable[[], dict],
-                    cancel: threading.Event | None = None) -> Iterator[GenerationChunk]:
+                    cancel: threading.Event | None = None,
+                    draft: DraftOptions | None = None) -> Iterator[GenerationChunk]:
     """Generate after ids, of which cache already holds the first stats.prompt_tokens_reused.
 
     Ends at an end-of-generation token or a stop string ("stop"; neither is in the text),
-    max_tokens or the context's end ("length"). Raises Cancelled when cancel is set."""
+    max_tokens or the context's end ("length"). Raises Cancelled when cancel is set.
+    draft: speculative decoding with drafts looked up in the text (speculative.py); not with
+    a bounded cache, whose evictions a trim cannot undo."""
     reused = stats.prompt_tokens_reused
     stats.prefill_tokens = len(ids) - reused
     t_pass2 = time.perf_counter()
@@ -259,9 +267,17 @@ def stream_generate(runner: Runner, tokenizer, cache: PromptCache, ids: Sequence
         step(0, now, None, "length")
         return
     decoder, matcher = tokenizer.stream_decoder(), StopMatcher(stops)
-    gen = generate_step(run, lambda t: run([t]), ids[reused:], sampler, processors,
-                        history=ids[:reused])
+    if draft is not None and draft.num_draft > 0 and not runner.limits.bounded:
+        stats.speculation = SpeculationStats()
+        gen = speculative_step(
+            run, lambda part: runner(cache, part, out="sample", cancel=cancel), cache.trim,
+            ids[reused:], sampler, NgramDrafter(draft), processors, history=ids[:reused],
+            stats=stats.speculation, room=lambda: runner.limits.n_ctx - len(cache.ids))
+    else:
+        gen = generate_step(run, lambda t: run([t]), ids[reused:], sampler, processors,
+                            history=ids[:reused])
     first = None
+    n = 0
     try:
         for n, token in enumerate(gen, 1):
             now = time.perf_counter()
@@ -284,3 +300,8 @@ def stream_generate(runner: Runner, tokenizer, cache: PromptCache, ids: Sequence
                 return
     finally:
         gen.close()
+        # the cache holds the prompt and the tokens fed back (all but the last); verified
+        # drafts past the last token given out are dropped
+        extra = len(cache.ids) - (len(ids) + n - 1)
+        if n and extra > 0:
+            cache.trim(extra)

@@ -32,9 +32,11 @@ from .options import DEFAULT_KEEP, FilterOptions, LoadOptions, SamplingOptions, 
 from .planning import ContextLimits
 from .prompt_cache import PromptCache, make_layer_caches
 from .registry import resolve_model
+from .speculative import DraftOptions
 from .tokenizer import SegmentedEncoder
 
 SAMPLING = SamplingOptions()
+DRAFT = DraftOptions()
 
 
 class Model:
@@ -213,6 +215,7 @@ class Model:
                repeat_penalty: float = SAMPLING.repeat_penalty,
                repeat_last_n: int = SAMPLING.repeat_last_n, seed: int | None = None,
                stop: str | Sequence[str] | None = None, cancel: threading.Event | None = None,
+               num_draft_tokens: int = DRAFT.num_draft,
                **filter_overrides) -> Iterator[GenerationChunk]:
         """Yield GenerationChunk(text, token, stats) as tokens are generated.
 
@@ -220,6 +223,8 @@ class Model:
         an end-of-generation token, a stop string (not included), max_tokens, or the context end.
         cancel: an event another thread may set; the stream then stops within one token (or one
         prefill chunk), frees the KV cache and ends with a "cancelled" chunk.
+        num_draft_tokens: tokens drafted from the text itself and verified in one pass
+        (speculative decoding; output unchanged); 0 turns it off.
         filter_overrides: token_filter, filter_keep, filter_layer, filter_threshold (FilterOptions)
         for this call (default: what load() was given)."""
         options = with_kwargs(self.filter_options, filter_overrides)
@@ -233,10 +238,11 @@ class Model:
             raise InvalidArgumentError(f"max_tokens must be an integer >= 0; got {max_tokens!r}")
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         ids = self._check_ids(self.tokenize(prompt) if isinstance(prompt, str) else prompt)
+        draft = DraftOptions(num_draft_tokens)  # validates
         return self._stream(ids, max_tokens, s.sampler(), s.processors(), stops, cancel,
-                            options)
+                            options, draft)
 
-    def _stream(self, ids, max_tokens, sampler, processors, stops, cancel, options):
+    def _stream(self, ids, max_tokens, sampler, processors, stops, cancel, options, draft):
         with self._lock:
             self._refuse_nested("stream")
             self._streaming = True
@@ -255,7 +261,7 @@ class Model:
                 self.generation_stats = stats
                 yield from stream_generate(self.runner, self.tokenizer, self.prompt_cache,
                                            ids, max_tokens, sampler, processors, stops, stats,
-                                           self.flash_report, cancel)
+                                           self.flash_report, cancel, draft)
             except Cancelled:
                 # the caller gave up: drop its cache now rather than hold it until the next call
                 self.prompt_cache, stats.cancelled = self.make_prompt_cache(), True

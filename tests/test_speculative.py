@@ -139,3 +139,35 @@ def test_bad_options_name_the_value():
         DraftOptions(num_draft=-1)
     with pytest.raises(InvalidArgumentError, match="ngram_min"):
         DraftOptions(ngram_max=1, ngram_min=2)
+
+
+def _tokens(m, prompt, n, draft, **kw):
+    return [c.token for c in m.stream(prompt, max_tokens=n, num_draft_tokens=draft, **kw)
+            if c.token is not None]
+
+
+def test_real_model_greedy_output_is_unchanged(smollm2):
+    """SmolLM2 asked to repeat a passage: the same greedy tokens with and without drafts, and
+    drafts were accepted. The prompt cache then holds exactly prompt + tokens fed back, so a
+    follow-up call that extends the text reuses it and still matches."""
+    text = ("def area(width, height):\n    return width * height\n\n"
+            "def perimeter(width, height):\n    return 2 * (width + height)\n\n")
+    prompt = text + "# the same two functions again:\n" + text[:40]
+    plain = _tokens(smollm2, prompt, 48, 0)
+    spec = _tokens(smollm2, prompt, 48, 8)
+    assert spec == plain
+    stats = smollm2.stats
+    assert stats["spec_accepted"] > 0 and stats["spec_tokens_per_pass"] > 1.5, stats
+    ids = smollm2.tokenize(prompt) + spec
+    more_spec = _tokens(smollm2, ids, 16, 8)
+    assert smollm2.stats["prompt_tokens_reused"] == len(ids) - 1
+    more_plain = _tokens(smollm2, ids, 16, 0)
+    assert more_spec == more_plain
+
+
+def test_real_model_sampling_with_drafts_runs_seeded(smollm2):
+    """Sampling with drafts is reproducible for a seed (one draw per emitted token)."""
+    prompt = "one two three four five one two three four five one two"
+    a = _tokens(smollm2, prompt, 24, 8, temperature=0.8, seed=3)
+    b = _tokens(smollm2, prompt, 24, 8, temperature=0.8, seed=3)
+    assert a == b and len(a) == 24

@@ -24,10 +24,12 @@ from ..options import (
     ServerOptions,
 )
 from ..registry import short_names_help
+from ..speculative import DraftOptions
 
 # the defaults every flag shows and passes on (options.py holds them)
 RUNTIME, KV, FILTER = RuntimeOptions(), KVOptions(), FilterOptions()
 SAMPLING, SERVER = SamplingOptions(), ServerOptions()
+DRAFT = DraftOptions()
 MODEL_HELP = f"a .gguf path or a short name: {short_names_help()}"
 
 
@@ -81,6 +83,10 @@ def sampling_options(f):
                      show_default=True)(f)
     f = click.option("--seed", type=int, default=None)(f)
     f = click.option("--stop", multiple=True, help="stop string (repeatable)")(f)
+    f = click.option("--draft-max", type=click.IntRange(min=0), default=DRAFT.num_draft,
+                     show_default=True,
+                     help="speculative decoding: tokens drafted from the text itself and "
+                          "verified in one pass (output unchanged); 0 = off")(f)
     return f
 
 
@@ -97,10 +103,11 @@ def _load(model, backend, threads, ctx_size, kv_cache, memory_budget, ffn_share,
                 **filter_opts)
 
 
-def _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, default_temp):
+def _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, draft_max,
+              default_temp):
     return dict(temperature=default_temp if temperature is None else temperature, top_k=top_k,
                 top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed,
-                stop=list(stop))
+                stop=list(stop), num_draft_tokens=draft_max)
 
 
 @click.group()
@@ -120,15 +127,16 @@ def app():
                    "when the model has one) / as plain text to complete")
 @click.option("--json", "as_json", is_flag=True, help="print text and stats as one JSON object")
 def generate(model, backend, threads, ctx_size, kv_cache, kv_window, kv_sinks, memory_budget,
-             ffn_share, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, prompt,
-             max_tokens, use_template, as_json, **filter_opts):
+             ffn_share, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, draft_max,
+             prompt, max_tokens, use_template, as_json, **filter_opts):
     """One-shot generation from a prompt: an answer to it as a chat message where the model
     has a chat template, else (or with --raw) its continuation."""
     if prompt == "-":
         prompt = click.get_text_stream("stdin").read().removesuffix("\n")
     m = _load(model, backend, threads, ctx_size, kv_cache, memory_budget, ffn_share, kv_window,
               kv_sinks, **filter_opts)
-    kw = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, 0.0)
+    kw = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, draft_max,
+                   0.0)
     if m.has_chat_template if use_template is None else use_template:
         source = m.apply_chat_template([{"role": "user", "content": prompt}])
     else:
@@ -154,14 +162,15 @@ def generate(model, backend, threads, ctx_size, kv_cache, kv_window, kv_sinks, m
               show_default=True, help="most tokens per reply")
 @click.option("-s", "--system", default=None, help="a system prompt")
 def chat(model, backend, threads, ctx_size, kv_cache, kv_window, kv_sinks, memory_budget,
-         ffn_share, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, max_tokens,
-         system, **filter_opts):
+         ffn_share, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, draft_max,
+         max_tokens, system, **filter_opts):
     """Chat in the terminal (or through a pipe). /reset, /stats, /exit; Ctrl-C stops a reply."""
     from .chat_loop import run_chat
 
     m = _load(model, backend, threads, ctx_size, kv_cache, memory_budget, ffn_share, kv_window,
               kv_sinks, **filter_opts)
-    kw = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, 0.7)
+    kw = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, draft_max,
+                   0.7)
     run_chat(m, system, max_tokens, kw)
 
 
