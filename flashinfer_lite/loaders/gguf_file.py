@@ -130,6 +130,11 @@ class GGUFFile:
         """`{architecture}.{suffix}`, the way llama.cpp names per-architecture keys."""
         return self.get(f"{self.architecture}.{suffix}", default)
 
+    @property
+    def head_tensor(self) -> str:
+        """The output head's rows: its own tensor, or the token embedding when tied."""
+        return "output.weight" if "output.weight" in self.tensors else "token_embd.weight"
+
     def tensor(self, name: str) -> TensorInfo:
         try:
             t = self.tensors[name]
