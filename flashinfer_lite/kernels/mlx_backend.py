@@ -46,7 +46,7 @@ def mlx_gpu_available() -> bool:
     if not mlx_installed():
         return False
     try:
-        import mlx.core as mx
+        import mlx.core as mx  # optional: the [mlx] / [cuda] extras
 
         return bool(mx.is_available(mx.gpu))
     except Exception:  # a CPU-only build, or a GPU build without a driver
@@ -55,7 +55,7 @@ def mlx_gpu_available() -> bool:
 
 def _mx():
     try:
-        import mlx.core as mx
+        import mlx.core as mx  # optional: the [mlx] / [cuda] extras
     except ImportError as exc:
         raise BackendUnavailableError(
             "the MLX backend needs mlx: pip install 'flashinfer-lite[mlx]' (macOS) or "

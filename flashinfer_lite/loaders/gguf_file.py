@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType
+from gguf.quants import dequantize
 
 from ..errors import InvalidModelFileError, ModelNotFoundError, UnsupportedModelError
 from ..memory import release_mapped_pages
@@ -151,8 +152,6 @@ class GGUFFile:
 
     def rows(self, name: str, ids: np.ndarray) -> np.ndarray:
         """Rows `ids` of a 2-D tensor dequantized to float32 (n, columns): for embeddings."""
-        from gguf.quants import dequantize
-
         t = self.tensor(name)
         raw = t.raw[np.asarray(ids)]
         if t.qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
@@ -161,8 +160,6 @@ class GGUFFile:
 
     def dense(self, name: str) -> np.ndarray:
         """A whole tensor as float32 in numpy order (for norms and the reference path)."""
-        from gguf.quants import dequantize
-
         t = self.tensor(name)
         if t.qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
             return np.asarray(t.raw, dtype=np.float32).reshape(t.shape)
