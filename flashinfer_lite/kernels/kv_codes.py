@@ -60,41 +60,16 @@ def halves_to_heads(x, table, out):
 
 
 @numba.njit(cache=True)
-def codes_to_heads(kq, ks, km, vq, vs, vm, a, b, group, vgroup, bits, table, kout, vout):
+def codes_to_rows(kq, ks, km, vq, vs, vm, a, b, group, vgroup, bits, table, kout, vout):
     """Positions [a, b) of a q8/q4 store (a a multiple of `group`) -> kout, vout
-    (Hkv, b - a, D) float32."""
-    hkv, d = kout.shape[0], kout.shape[2]
+    (b - a, Hkv, D) float32, position-major like the store (or any view of that shape: a
+    transposed (Hkv, b - a, D) array is written in place)."""
+    hkv, d = kq.shape[1], kout.shape[2]
     ksr = np.empty((hkv, d), np.float32)
     kmr = np.empty((hkv, d), np.float32)
     row = np.empty(d, np.float32)
-    for h in range(hkv):
-        for p in range(a, b):
-            if (p - a) % group == 0 or p == a:  # a new key group: its scales as float32
-                grp = p // group
-                for i in range(d):
-                    ksr[h, i] = table[ks[grp, h, i]]
-                    kmr[h, i] = table[km[grp, h, i]]
-            unpack_codes(kq, p, h, bits, d, row)
-            for i in range(d):
-                kout[h, p - a, i] = row[i] * ksr[h, i] + kmr[h, i]
-            unpack_codes(vq, p, h, bits, d, row)
-            for c in range(d // vgroup):
-                sc, mn = table[vs[p, h, c]], table[vm[p, h, c]]
-                for i in range(c * vgroup, (c + 1) * vgroup):
-                    vout[h, p - a, i] = row[i] * sc + mn
-
-
-@numba.njit(cache=True)
-def codes_to_rows(kq, ks, km, vq, vs, vm, group, vgroup, bits, table, kout, vout):
-    """Every position of a q8/q4 store -> kout, vout (N, Hkv, D) float32, position-major
-    like the store."""
-    n, hkv = kq.shape[0], kq.shape[1]
-    d = kout.shape[2]
-    ksr = np.empty((hkv, d), np.float32)
-    kmr = np.empty((hkv, d), np.float32)
-    row = np.empty(d, np.float32)
-    for p in range(n):
-        if p % group == 0:  # a new key group: its scales as float32
+    for p in range(a, b):
+        if (p - a) % group == 0:  # a new key group: its scales as float32
             grp = p // group
             for h in range(hkv):
                 for i in range(d):
@@ -103,12 +78,12 @@ def codes_to_rows(kq, ks, km, vq, vs, vm, group, vgroup, bits, table, kout, vout
         for h in range(hkv):
             unpack_codes(kq, p, h, bits, d, row)
             for i in range(d):
-                kout[p, h, i] = row[i] * ksr[h, i] + kmr[h, i]
+                kout[p - a, h, i] = row[i] * ksr[h, i] + kmr[h, i]
             unpack_codes(vq, p, h, bits, d, row)
             for c in range(d // vgroup):
                 sc, mn = table[vs[p, h, c]], table[vm[p, h, c]]
                 for i in range(c * vgroup, (c + 1) * vgroup):
-                    vout[p, h, i] = row[i] * sc + mn
+                    vout[p - a, h, i] = row[i] * sc + mn
 
 
 @numba.njit(cache=True, fastmath=True)

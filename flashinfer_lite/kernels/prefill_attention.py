@@ -22,7 +22,7 @@ from threadpoolctl import ThreadpoolController
 from ..cache.base import KVBlock
 from ..cache.quantized import QuantizedView
 from .float16 import as_bits, half_table
-from .kv_codes import codes_to_heads, codes_to_rows, halves_to_heads
+from .kv_codes import codes_to_rows, halves_to_heads
 from .ops import blockwise_attention
 
 BLOCK = 1024  # positions converted at a time (a multiple of every q8/q4 key group)
@@ -71,15 +71,16 @@ def code_blocks(view: QuantizedView, pos0: int):
         b = min(a + BLOCK, n)
         kf = np.empty((hkv, b - a, d), np.float32)
         vf = np.empty((hkv, b - a, d), np.float32)
-        codes_to_heads(*arrays, a, b, view.group, view.vgroup, view.bits, half_table(), kf, vf)
+        codes_to_rows(*arrays, a, b, view.group, view.vgroup, view.bits, half_table(),
+                      kf.transpose(1, 0, 2), vf.transpose(1, 0, 2))  # written as (n, Hkv, D)
         yield KVBlock(kf, vf, np.arange(pos0 + a, pos0 + b))
 
 
 def codes_into(view: QuantizedView, keys: np.ndarray, values: np.ndarray) -> None:
     """The quantized store of a QuantizedView -> keys, values (N, Hkv, D) float32
     (contiguous), written in place."""
-    codes_to_rows(*_kernel_arrays(view), view.group, view.vgroup, view.bits, half_table(),
-                  keys, values)
+    codes_to_rows(*_kernel_arrays(view), 0, len(view.kq), view.group, view.vgroup, view.bits,
+                  half_table(), keys, values)
 
 
 def dequantized(view: QuantizedView) -> tuple[np.ndarray, np.ndarray]:
