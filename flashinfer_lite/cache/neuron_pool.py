@@ -30,9 +30,14 @@ class NeuronPool:
         self.dn_q = np.zeros((capacity, d), np.int8)
         self.dn_s = np.zeros((capacity, d // 32), np.float32)
         self.d_out = d
-        self.neuron_of = np.full(capacity, -1, np.int64)
-        self.last_used = np.full(capacity, -(1 << 30), np.int64)
-        self.slot_of = np.full(layout.ffn_dim, -1, np.int64)
+        self._init_slots()
+
+    def _init_slots(self) -> None:
+        """Empty slot maps: which neuron each slot holds, when each was used, where each
+        neuron is."""
+        self.neuron_of = np.full(self.capacity, -1, np.int64)
+        self.last_used = np.full(self.capacity, -(1 << 30), np.int64)
+        self.slot_of = np.full(self.layout.ffn_dim, -1, np.int64)
         self.count = 0
 
     def _arrays(self):
@@ -128,10 +133,7 @@ class RawNeuronPool(NeuronPool):
         self.layout, self.capacity = layout, capacity
         self.raw = np.zeros((capacity, layout.stride), np.uint8)
         self.d_out = layout.d_model
-        self.neuron_of = np.full(capacity, -1, np.int64)
-        self.last_used = np.full(capacity, -(1 << 30), np.int64)
-        self.slot_of = np.full(layout.ffn_dim, -1, np.int64)
-        self.count = 0
+        self._init_slots()
 
     def _arrays(self):
         return (self.raw,)

@@ -14,6 +14,7 @@ import numpy as np
 from ..cache.kv import KVSpec
 from ..cache.mlx import MlxKVCache
 from .attention import AttentionCore
+from .ops import visible
 
 __all__ = ["MlxAttentionCore", "MlxKVCache", "device_cache_supports"]
 
@@ -78,11 +79,7 @@ class MlxAttentionCore(AttentionCore):
             first += cut
         mask = None
         if t > 1 or self.window is not None and int(positions[-1]) - first >= self.window:
-            k_pos = np.arange(first, cache.offset)
-            visible = k_pos[None, :] <= positions[:, None]  # (T, S)
-            if self.window is not None:
-                visible &= (positions[:, None] - k_pos[None, :]) < self.window
-            mask = mx.array(visible)
+            mask = mx.array(visible(positions, np.arange(first, cache.offset), self.window))
         out = mx.fast.scaled_dot_product_attention(
             q, keys.astype(q.dtype), values.astype(q.dtype), scale=c.attn_scale, mask=mask)
         return out[0].transpose(1, 0, 2).reshape(t, c.n_heads * c.head_dim)  # (T, H*D)

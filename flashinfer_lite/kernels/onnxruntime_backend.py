@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ..loaders.gguf_file import GGUFFile
 from ..loaders.quant_grid import FLOAT_TYPES, QuantGrid, decode_grid
 from .base import Backend, GraphBuilder, Segment
-from .ops import needs_mask
+from .ops import needs_mask, visible
 
 MS_DOMAIN = "com.microsoft"
 OPSET = 17
@@ -277,10 +277,8 @@ class FewQueryAttention:
         g = h // hkv
         qg = q.reshape(t, hkv, g, d).transpose(1, 2, 0, 3).reshape(hkv, g * t, d)
         qg = np.ascontiguousarray(qg * np.float32(scale))  # rows ordered (group, query)
-        visible = k_pos[None, :] <= q_pos[:, None]  # (T, S); every query sees itself
-        if window is not None:
-            visible &= (q_pos[:, None] - k_pos[None, :]) < window
-        mask = np.where(visible, np.float32(0), np.float32(-np.inf))
+        # (T, S); every query sees itself
+        mask = np.where(visible(q_pos, k_pos, window), np.float32(0), np.float32(-np.inf))
         out = self.graphs.session(k.dtype, masked=True).run(["o"], {
             "q": qg, "k": np.ascontiguousarray(k), "v": np.ascontiguousarray(v),
             "mask": np.tile(mask, (g, 1))})[0]
