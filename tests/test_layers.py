@@ -1,9 +1,9 @@
-"""The package's imports point one way: no cycle between its units, nor between its modules.
+"""The package's imports point one way: no cycle between its units, nor between its modules,
+and each unit imports only from the floors below its own (FLOORS).
 
 A unit is a subpackage (`cache`, `kernels`, ...) or a top-level module (`model`, `generate`).
 Every import counts, at module level and inside functions alike (an import inside a function
-that closes a cycle hides it, it does not remove it), relative or absolute. docs/architecture.md
-gives the order the units stand in.
+that closes a cycle hides it, it does not remove it), relative or absolute.
 """
 
 from __future__ import annotations
@@ -15,6 +15,24 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "flashinfer_lite"
 ROOT = PACKAGE.name
+
+# The dependency order, bottom first: a unit imports only from lower floors. What each holds:
+FLOORS = [
+    {"errors"},  # the one exception family
+    {"memory", "evaluation", "sampling", "chat_template", "tokenizer"},  # leaves
+    {"registry", "reference", "speculative"},  # model names, llama.cpp's logits, drafting
+    {"loaders"},  # GGUF and flash-format files, GGUF block layouts, direct I/O
+    {"cache"},  # KV caches (storage, one interface) and the neuron pools
+    {"kernels"},  # the numeric work: backends, attention over the caches, FFN kernels
+    {"models"},  # one file per architecture, its quirks and its cache layout
+    {"config"},  # a GGUF's metadata read into a ModelConfig, through its architecture
+    {"vocab", "filter", "generate"},  # the vocabulary on flash, GemFilter, the token loop
+    {"flash"},  # calibration, the flash-format converter, the flash-resident FFN
+    {"model"},  # the public Model
+    {ROOT},  # the package's face: load, Model, the errors
+    {"server"},  # the OpenAI-compatible HTTP API
+    {"cli"},  # the click app (its `serve` starts the server)
+]
 
 
 def module_name(path: Path, package: Path = PACKAGE) -> str:
@@ -118,6 +136,15 @@ def test_units_form_no_cycle():
 def test_modules_form_no_cycle():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle between modules: " + " -> ".join(cycle)
+
+
+def test_units_import_only_from_lower_floors():
+    """Units not placed in FLOORS yet are left to the cycle checks."""
+    floor = {unit: i for i, units in enumerate(FLOORS) for unit in units}
+    upward = [f"{unit} -> {dep}" for unit, deps in sorted(unit_graph(import_graph()).items())
+              for dep in sorted(deps)
+              if unit in floor and dep in floor and floor[dep] >= floor[unit]]
+    assert not upward, "imports that do not point down: " + ", ".join(upward)
 
 
 def test_kernels_never_import_models():
