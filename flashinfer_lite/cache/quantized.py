@@ -8,6 +8,10 @@ channel i in the low nibble, channel i + D/2 in the high one, so unpacking is a 
 
 Bytes per element, keys / values: q8 1 + 4/128 / 1 + 4/64, q4 0.5 + 4/128 / 0.5 + 4/64, vs 2
 for float16.
+
+quantize / dequantize / pack4 / unpack4 are the format in numpy: the cache's own rare reads
+(a trim that cuts a group, fetch) use them, and the tests check the attention kernels' one
+numba pass over the codes (kernels/kv_codes.py) against them bit for bit.
 """
 
 from __future__ import annotations
