@@ -38,8 +38,8 @@ def child(model: str, budget: str, tokens: int):
     path = resolve_model(model)
     ensure_converted(path)  # conversion is a one-time step, not part of a run
     bundle_ffn.warm()  # numba's JIT machinery and our kernel's code: the runtime, not the model
+    from flashinfer_lite.kernels.base import default_threads
     from flashinfer_lite.kernels.onnxruntime_backend import OnnxRuntimeBackend
-    from flashinfer_lite.options import default_threads
 
     OnnxRuntimeBackend(default_threads()).warm()  # ORT's process-wide environment, likewise
     release_freed_memory()
@@ -72,9 +72,9 @@ def floor_child(model: str):
 
     from flashinfer_lite.flash.convert import ensure_converted
     from flashinfer_lite.kernels import bundle_ffn
+    from flashinfer_lite.kernels.base import default_threads
     from flashinfer_lite.kernels.onnxruntime_backend import OnnxRuntimeBackend
     from flashinfer_lite.memory import release_freed_memory, rss_bytes
-    from flashinfer_lite.options import default_threads
     from flashinfer_lite.registry import resolve_model
     from flashinfer_lite.tokenizer import Tokenizer
 

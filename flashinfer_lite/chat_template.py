@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
 from .errors import InvalidArgumentError
 
 # Gemma 3's published template, text-only: a system message is folded into the first user turn.
@@ -37,8 +39,6 @@ FALLBACK_TEMPLATES = {"gemma3": GEMMA_TEMPLATE}
 
 class ChatTemplate:
     def __init__(self, source: str):
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
         def raise_exception(message):
             raise InvalidArgumentError(f"chat template: {message}")
 

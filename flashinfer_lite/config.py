@@ -1,4 +1,5 @@
-"""A model's dimensions, read from GGUF metadata into one small dataclass."""
+"""A model's dimensions, read from GGUF metadata into one small dataclass: the keys every
+architecture shares here, each architecture's own in its file (models/)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,9 @@ from dataclasses import dataclass, field
 
 from .errors import InvalidModelFileError, UnsupportedModelError
 from .loaders.gguf_file import GGUFFile
+from .models import ARCHITECTURES
 
-# GGUF architectures we run, and the RoPE layout llama.cpp uses for each: "norm" rotates adjacent
-# pairs (the converter permuted Q/K into Meta's layout), "neox" rotates the two halves.
-ROPE_TYPES = {"llama": "norm", "mistral": "norm", "qwen2": "neox", "qwen3": "neox",
-              "gemma3": "neox"}
-SUPPORTED_ARCHITECTURES = tuple(ROPE_TYPES)
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 
 
 @dataclass
@@ -48,7 +46,7 @@ class ModelConfig:
     @classmethod
     def from_gguf(cls, f: GGUFFile) -> ModelConfig:
         arch = f.architecture
-        if arch not in ROPE_TYPES:
+        if arch not in ARCHITECTURES:
             raise UnsupportedModelError(
                 f"architecture {arch!r} is not supported "
                 f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
@@ -77,22 +75,11 @@ class ModelConfig:
             context_length=int(f.arch_key("context_length", 2048)),
             norm_eps=float(f.arch_key("attention.layer_norm_rms_epsilon", 1e-5)),
             rope_base=float(f.arch_key("rope.freq_base", 10000.0)),
-            rope_type=ROPE_TYPES[arch],
+            rope_type=ARCHITECTURES[arch][1],
             name=str(f.get("general.name", f.path.stem)),
         )
         scaling = f.arch_key("rope.scaling.type")
         factor = f.arch_key("rope.scaling.factor")
         if scaling == "linear" and factor:
             kw["rope_scale"] = float(factor)
-        if arch == "gemma3":
-            # Gemma 3: every 6th layer attends globally (RoPE base from metadata, 1e6); the others
-            # slide over `sliding_window` tokens with RoPE base 1e4, which llama.cpp hard-codes.
-            kw.update(
-                sliding_window=int(f.arch_key("attention.sliding_window", 512)),
-                global_layers=frozenset(i for i in range(kw["n_layers"]) if (i + 1) % 6 == 0),
-                rope_base_local=10000.0,
-                embed_scale=math.sqrt(d_model),
-                activation="gelu_tanh",
-                norm_eps=float(f.arch_key("attention.layer_norm_rms_epsilon", 1e-6)),
-            )
-        return cls(**kw)
+        return cls(**ARCHITECTURES[arch][0].config_fields(f, kw))

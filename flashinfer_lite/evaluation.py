@@ -1,13 +1,25 @@
-"""Comparing two sets of logits for the same ids: perplexity, top-1 agreement, near ties.
+"""Comparing two sets of logits for the same ids: perplexity, top-1 agreement, near ties; and
+the text they are measured on.
 
-Used by the tests (against llama.cpp) and the benchmarks; public so users can check a backend.
+Used by the tests (against llama.cpp), calibration and the benchmarks; public so users can
+check a backend.
 """
 
 from __future__ import annotations
 
+import functools
+import pydoc_data.topics
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
+
+@functools.cache
+def topics_text() -> str:
+    """Real English text on every Python install: the pydoc topics, concatenated (~1 MB).
+    Calibration reads its end, evaluations its beginning."""
+    topics = pydoc_data.topics.topics
+    return "\n\n".join(topics[k] for k in sorted(topics))
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import mmap
 import re
 import resource
 import sys
+
+import psutil
 
 from .errors import InvalidArgumentError
 
@@ -39,8 +44,6 @@ def parse_budget(budget, model_bytes: int) -> int | None:
 
 
 def rss_bytes() -> int:
-    import psutil
-
     return int(psutil.Process().memory_info().rss)
 
 
@@ -54,9 +57,6 @@ def release_freed_memory() -> None:
     """Return freed heap pages to the OS (glibc keeps them otherwise): after loading, the
     temporaries of weight conversion are ~40 MB of RSS that nothing uses."""
     if sys.platform.startswith("linux"):
-        import contextlib
-        import ctypes
-
         with contextlib.suppress(OSError, AttributeError):  # not glibc (musl): nothing to do
             ctypes.CDLL("libc.so.6").malloc_trim(0)
 
@@ -76,8 +76,6 @@ def limit_heap_retention() -> bool:
     memory budget is asked for. Returns whether it was applied (glibc only)."""
     if not sys.platform.startswith("linux"):
         return False
-    import ctypes
-
     try:
         return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD))
     except (OSError, AttributeError):  # not glibc (musl)
@@ -88,8 +86,6 @@ def release_mapped_pages(*arrays) -> None:
     """Drop the pages of memory-mapped arrays (np.load(mmap_mode="r")) from our resident set;
     they stay in the page cache and fault back in if read again. Arrays without a mapping are
     left alone."""
-    import mmap
-
     for a in arrays:
         mm = getattr(a, "_mmap", None)
         if mm is None and getattr(a, "base", None) is not None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -19,6 +18,7 @@ import numpy as np
 
 from .cache.kv import KV_KINDS, KVSpec
 from .errors import InvalidArgumentError
+from .kernels.base import default_threads
 from .memory import parse_budget
 from .sampling import (
     LogitsProcessor,
@@ -35,13 +35,6 @@ __all__ = ["BACKENDS", "FFN_MODES", "FILTER_MODES", "KV_KINDS", "FilterOptions",
 BACKENDS = ("auto", "numpy", "onnxruntime", "mlx")
 FFN_MODES = ("naive", "skip", "cache", "ours")  # flash/ffn.py's ablation modes
 FILTER_MODES = ("gemfilter", "auto")
-
-
-def default_threads() -> int:
-    """Physical cores: ONNX Runtime's kernels gain nothing from hyper-threads."""
-    import psutil
-
-    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
 def _option(default, kwarg: str | None = None, **kw):

@@ -5,7 +5,10 @@ from __future__ import annotations
 import codecs
 import contextlib
 import os
+import re
+import threading
 from array import array
+from collections import OrderedDict
 from pathlib import Path
 
 from .errors import InvalidModelFileError
@@ -31,17 +34,21 @@ def quiet_stderr():
 
 class Tokenizer:
     def __init__(self, path: Path):
-        from llama_cpp import Llama
+        # imported here, not with this module: it loads llama.cpp's shared library, which only
+        # a process that builds a tokenizer needs
+        import llama_cpp
 
         try:
             with quiet_stderr():
-                self._llama = Llama(model_path=str(path), vocab_only=True, verbose=False)
+                self._llama = llama_cpp.Llama(model_path=str(path), vocab_only=True,
+                                              verbose=False)
         except Exception as exc:  # llama.cpp raises ValueError with little detail
             raise InvalidModelFileError(f"llama.cpp could not load the tokenizer of {path}: "
                                         f"{exc}") from exc
         self.bos_id = self._llama.token_bos()
         self.eos_id = self._llama.token_eos()
         self.n_vocab = self._llama.n_vocab()
+        self._vocab_is_eog = llama_cpp.llama_vocab_is_eog
         self._eog = None
 
     def encode(self, text: str, add_bos: bool = True, special: bool = True) -> list[int]:
@@ -60,9 +67,7 @@ class Tokenizer:
 
     def is_eog(self, token: int) -> bool:
         """End of generation: EOS, or an end-of-turn token like <end_of_turn> / <|im_end|>."""
-        import llama_cpp
-
-        return bool(llama_cpp.llama_vocab_is_eog(self._llama._model.vocab, int(token)))
+        return bool(self._vocab_is_eog(self._llama._model.vocab, int(token)))
 
     def stream_decoder(self) -> StreamDecoder:
         return StreamDecoder(self)
@@ -99,10 +104,6 @@ class SegmentedEncoder:
     """
 
     def __init__(self, tok: Tokenizer, markers, max_chars: int = 1 << 20):
-        import re
-        import threading
-        from collections import OrderedDict
-
         self.tok = tok
         ids = {m: tok.encode(m, add_bos=False) for m in markers}
         self.marker_ids = {m: i[0] for m, i in ids.items() if len(i) == 1}

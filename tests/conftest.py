@@ -36,7 +36,7 @@ def gemma3_file(gemma3_path):
 def flash_dir(tmp_path_factory, smollm2_path):
     """SmolLM2 converted to the flash format once per test session."""
     from flashinfer_lite.flash.calibration import calibrate
-    from flashinfer_lite.loaders.flash_format import convert
+    from flashinfer_lite.flash.convert import convert
 
     out = tmp_path_factory.mktemp("flash") / "smollm2.flash"
     return convert(smollm2_path, out, lambda f: calibrate(f, n_tokens=256))

@@ -11,9 +11,10 @@ from gguf.quants import dequantize
 import flashinfer_lite as fl
 from flashinfer_lite.cache.neuron_pool import NeuronPool
 from flashinfer_lite.errors import BudgetError, InvalidModelFileError
+from flashinfer_lite.flash.convert import convert
 from flashinfer_lite.kernels.sparse_ffn import sparse_ffn
 from flashinfer_lite.loaders.direct_io import ALIGN, FlashReader, coalesce
-from flashinfer_lite.loaders.flash_format import DOWN_TYPE, convert, open_flash_dir
+from flashinfer_lite.loaders.flash_format import DOWN_TYPE, open_flash_dir
 from flashinfer_lite.loaders.gguf_file import GGUFFile
 from flashinfer_lite.loaders.quant_grid import decode_grid
 

@@ -14,6 +14,7 @@ from flashinfer_lite.cache.quantized import (
     quantize,
     unpack4,
 )
+from flashinfer_lite.kernels.attention import attend
 from flashinfer_lite.kernels.numpy_backend import NumpyBackend
 from flashinfer_lite.kernels.ops import attention
 
@@ -171,7 +172,7 @@ def test_quantized_decode_kernel_matches_float_attention(bits, hkv, g, d):
     q = RNG.standard_normal((1, hkv * g, d)).astype(np.float32)
     keys, values, pos = c.fetch()  # what the cache holds, dequantized
     ref = attention(q, keys, values, np.array([c.offset - 1]), pos, 0.125)
-    fused = c.attend(q, np.array([c.offset - 1]), 0.125, None, NumpyBackend())
+    fused = attend(c, q, np.array([c.offset - 1]), 0.125, None, NumpyBackend())
     np.testing.assert_allclose(fused, ref, atol=2e-4)
 
 
@@ -200,7 +201,7 @@ def test_prefill_attention_matches_dense(kind, bounded):
     qp = np.arange(c.offset - 300, c.offset)
     for window in (None, 500):
         ref = attention(q, keys, values, qp, pos, 0.125, window)
-        np.testing.assert_allclose(c.attend(q, qp, 0.125, window, NumpyBackend()), ref,
+        np.testing.assert_allclose(attend(c, q, qp, 0.125, window, NumpyBackend()), ref,
                                    atol=2e-5)
 
 
@@ -240,7 +241,7 @@ def test_few_query_attention_matches_dense(kind, bounded):
         qp = np.arange(c.offset - t, c.offset)
         ref = attention(q, keys, values, qp, pos, 0.125, window)
         before = backend.calls
-        np.testing.assert_allclose(c.attend(q, qp, 0.125, window, backend), ref, atol=2e-5)
+        np.testing.assert_allclose(attend(c, q, qp, 0.125, window, backend), ref, atol=2e-5)
         assert backend.calls - before == taken, (t, window)
 
 
@@ -250,7 +251,9 @@ def test_quantized_cache_dequantized_equals_fetch(bits):
                          rope_shift=lambda k, delta: k * 0.5)
     k, v = kv_data(1500, hkv=3)
     c.update(k, v)
-    keys, values = c.dequantized()
+    from flashinfer_lite.kernels.prefill_attention import dequantized
+
+    keys, values = dequantized(c.view())
     kf, vf, _ = c.fetch()
     assert np.array_equal(keys, kf) and np.array_equal(values, vf)
 

@@ -10,9 +10,10 @@ coldest rows (neurons are numbered hot-first in the flash file, so the largest i
 from __future__ import annotations
 
 import numpy as np
+from gguf.quants import dequantize
 
-from ..loaders.flash_format import BundleLayout
-from ..loaders.quant_grid import decode_grid
+from ..loaders.flash_format import DOWN_TYPE, BundleLayout
+from ..loaders.quant_grid import BLOCK32, block32_fields, decode_grid
 
 
 class NeuronPool:
@@ -29,9 +30,14 @@ class NeuronPool:
         self.dn_q = np.zeros((capacity, d), np.int8)
         self.dn_s = np.zeros((capacity, d // 32), np.float32)
         self.d_out = d
-        self.neuron_of = np.full(capacity, -1, np.int64)
-        self.last_used = np.full(capacity, -(1 << 30), np.int64)
-        self.slot_of = np.full(layout.ffn_dim, -1, np.int64)
+        self._init_slots()
+
+    def _init_slots(self) -> None:
+        """Empty slot maps: which neuron each slot holds, when each was used, where each
+        neuron is."""
+        self.neuron_of = np.full(self.capacity, -1, np.int64)
+        self.last_used = np.full(self.capacity, -(1 << 30), np.int64)
+        self.slot_of = np.full(self.layout.ffn_dim, -1, np.int64)
         self.count = 0
 
     def _arrays(self):
@@ -51,9 +57,11 @@ class NeuronPool:
         self.up_q[slots] = (q[:, 0::2] | (q[:, 1::2] << 4)) if self.bits == 4 else q
         self.up_s[slots] = grid.scale
         self.up_m[slots] = 0.0 if grid.minimum is None else grid.minimum
-        blocks = raw[:, lay.up_bytes : lay.up_bytes + lay.down_bytes].reshape(n, -1, 34)
-        self.dn_s[slots] = blocks[:, :, :2].copy().view(np.float16)[..., 0].astype(np.float32)
-        self.dn_q[slots] = blocks[:, :, 2:].copy().view(np.int8).reshape(n, -1)
+        blocks = raw[:, lay.up_bytes : lay.up_bytes + lay.down_bytes].reshape(
+            n, -1, BLOCK32[DOWN_TYPE].nbytes)  # (n, blocks, bytes)
+        q, d, _ = block32_fields(np, blocks, DOWN_TYPE)
+        self.dn_s[slots] = d[..., 0]
+        self.dn_q[slots] = q.reshape(n, -1)
 
     def dequantize(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Rows `slots` as float32: up rows (n, K) and down columns (n, D)."""
@@ -125,10 +133,7 @@ class RawNeuronPool(NeuronPool):
         self.layout, self.capacity = layout, capacity
         self.raw = np.zeros((capacity, layout.stride), np.uint8)
         self.d_out = layout.d_model
-        self.neuron_of = np.full(capacity, -1, np.int64)
-        self.last_used = np.full(capacity, -(1 << 30), np.int64)
-        self.slot_of = np.full(layout.ffn_dim, -1, np.int64)
-        self.count = 0
+        self._init_slots()
 
     def _arrays(self):
         return (self.raw,)
@@ -142,10 +147,6 @@ class RawNeuronPool(NeuronPool):
         self.raw[slots] = raw
 
     def dequantize(self, slots):
-        from gguf.quants import dequantize
-
-        from ..loaders.flash_format import DOWN_TYPE
-
         lay, rows = self.layout, self.raw[slots]
         up = dequantize(rows[:, : lay.up_bytes], lay.up_type).reshape(len(slots), -1)
         down = dequantize(rows[:, lay.up_bytes : lay.up_bytes + lay.down_bytes], DOWN_TYPE)

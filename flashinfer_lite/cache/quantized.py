@@ -8,6 +8,10 @@ channel i in the low nibble, channel i + D/2 in the high one, so unpacking is a 
 
 Bytes per element, keys / values: q8 1 + 4/128 / 1 + 4/64, q4 0.5 + 4/128 / 0.5 + 4/64, vs 2
 for float16.
+
+quantize / dequantize / pack4 / unpack4 are the format in numpy: the cache's own rare reads
+(a trim that cuts a group, fetch) use them, and the tests check the attention kernels' one
+numba pass over the codes (kernels/kv_codes.py) against them bit for bit.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .kv import EVICT_STEP, KVCache
+from .base import EVICT_STEP, KVCache, grown
 
 GROUP = EVICT_STEP  # tokens per key group (the default; a cache may use any divisor of STEP)
 VALUE_GROUP = 64  # channels per value group (capped at head_dim)
@@ -70,10 +74,12 @@ def unpack4(p: np.ndarray) -> np.ndarray:
 
 @dataclass
 class QuantizedView:
-    """What a decode kernel reads from a quantized cache, position-major and contiguous:
+    """What the attention kernels read from a quantized cache, position-major: the held
+    positions in order are the sinks, the quantized store, the residual.
+
     kq, vq (N, Hkv, W) uint8 codes (W = D, or D/2 packed for q4); ks, km (N/group, Hkv, D) and
-    vs, vm (N, Hkv, D/vgroup) float16; full_k, full_v (R, Hkv, D) float16 positions kept whole
-    (sinks and residual). Order among positions does not matter to a single unmasked query."""
+    vs, vm (N, Hkv, D/vgroup) float16; sink_k, sink_v (S, Hkv, D) float32, the sinks as shown
+    (re-rotated); res_k, res_v (R, Hkv, D) float16, the residual."""
 
     bits: int
     group: int
@@ -84,8 +90,20 @@ class QuantizedView:
     vq: np.ndarray
     vs: np.ndarray
     vm: np.ndarray
-    full_k: np.ndarray
-    full_v: np.ndarray
+    sink_k: np.ndarray
+    sink_v: np.ndarray
+    res_k: np.ndarray
+    res_v: np.ndarray
+
+    @property
+    def full_k(self) -> np.ndarray:
+        """(S + R, Hkv, D) float16: the positions kept whole, sinks then residual (for a
+        single unmasked query, to which their order does not matter)."""
+        return np.concatenate([self.sink_k.astype(np.float16), self.res_k])
+
+    @property
+    def full_v(self) -> np.ndarray:
+        return np.concatenate([self.sink_v.astype(np.float16), self.res_v])
 
 
 class QuantizedKVCache(KVCache):
@@ -116,7 +134,7 @@ class QuantizedKVCache(KVCache):
         old = 0 if self._kq is None else self._kq.shape[0]
         if cap <= old:
             return
-        cap = -(-cap // STEP) * STEP
+        cap = grown(cap, STEP)
         h, d = self.n_kv_heads, self.head_dim
         shapes = {"_kq": ((cap, h, self.width), np.uint8),
                   "_ks": ((cap // self.group, h, d), np.float16),
@@ -131,6 +149,10 @@ class QuantizedKVCache(KVCache):
                 n = self.n_q // self.group if name in ("_ks", "_km") else self.n_q
                 new[:n] = cur[:n]
             setattr(self, name, new)
+
+    def _alloc_residual(self) -> None:
+        shape = (self.residual, self.n_kv_heads, self.head_dim)  # (residual, Hkv, D)
+        self._rk, self._rv = np.zeros(shape, np.float16), np.zeros(shape, np.float16)
 
     def _quantize_into(self, k: np.ndarray, v: np.ndarray) -> None:
         """Append k, v (n, Hkv, D) float32, n a multiple of self.group, to the quantized store."""
@@ -168,8 +190,7 @@ class QuantizedKVCache(KVCache):
 
     def _append(self, k, v):
         if self._rk is None:
-            shape = (self.residual, self.n_kv_heads, self.head_dim)
-            self._rk, self._rv = np.zeros(shape, np.float16), np.zeros(shape, np.float16)
+            self._alloc_residual()
         total = self.n_r + len(k)
         if total <= self.residual:
             self._rk[self.n_r : total], self._rv[self.n_r : total] = k, v
@@ -223,63 +244,19 @@ class QuantizedKVCache(KVCache):
             yield self._rk[: self.n_r].transpose(1, 0, 2), self._rv[: self.n_r].transpose(1, 0, 2)
 
     def view(self) -> QuantizedView:
-        n = self.n_q
-        full_k, full_v = self._rk[: self.n_r], self._rv[: self.n_r]
-        if len(self._sink_k):
-            sk, sv = self._shown_sinks()
-            full_k = np.concatenate([sk.astype(np.float16), full_k])
-            full_v = np.concatenate([sv.astype(np.float16), full_v])
-        g = self.group
-        return QuantizedView(self.bits, g, self.vgroup, self._kq[:n], self._ks[: n // g],
-                             self._km[: n // g], self._vq[:n], self._vs[:n], self._vm[:n],
-                             full_k, full_v)
-
-    def attend(self, q, q_pos, scale, window, backend):
-        # one decoding query that sees every held key (no window cut): the backend's fused
-        # kernel reads the codes directly; everything else goes block by block
-        if (len(q_pos) == 1 and self.n_q and self.n_r
-                and (window is None or q_pos[0] - self.first_position < window)):
-            return backend.quantized_decode_attention(q, self.view(), scale)
-        # a few queries (a chat turn's new tokens): the whole cache dequantized once into one
-        # float32 array, then the backend's one-call kernel (what a float32 cache would do)
-        if len(q_pos) > 1 and backend.takes_few_queries(len(q_pos), q.shape[1], self.held):
-            keys, values = self.dequantized()
-            k_pos = np.arange(self.first_position, self.offset)
-            return backend.few_query_attention(q, keys, values, q_pos, k_pos, scale, window)
-        # a chunk of queries (or a decode step with a window cut): dequantized a block at a
-        # time, in position order - sinks, quantized store, residual
-        from ..kernels.prefill_attention import code_blocks, float_blocks, prefill_attention
-
-        def blocks():
-            pos = self.first_position
-            if len(self._sink_k):
-                sk, sv = self._shown_sinks()
-                yield from float_blocks(sk, sv, pos)
-                pos += len(sk)
-            if self.n_q:
-                yield from code_blocks(self.view(), pos)
-            if self.n_r:
-                yield from float_blocks(self._rk[: self.n_r], self._rv[: self.n_r],
-                                        pos + self.n_q)
-
-        return prefill_attention(q, q_pos, blocks(), scale, window)
-
-    def dequantized(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every held position in order (sinks, quantized store, residual) as float32
-        (held, Hkv, D) keys and values: the codes through the numba kernel of
-        kernels/prefill_attention, written in place."""
-        from ..kernels.prefill_attention import codes_into
-
-        shape = (self.held, self.n_kv_heads, self.head_dim)
-        keys, values = np.empty(shape, np.float32), np.empty(shape, np.float32)
-        s = len(self._sink_k)
-        if s:
-            keys[:s], values[:s] = self._shown_sinks()
-        if self.n_q:
-            codes_into(self.view(), keys[s : s + self.n_q], values[s : s + self.n_q])
-        keys[s + self.n_q :] = self._rk[: self.n_r]
-        values[s + self.n_q :] = self._rv[: self.n_r]
-        return keys, values
+        n, g, h, d = self.n_q, self.group, self.n_kv_heads, self.head_dim
+        if self._kq is None:  # nothing quantized yet: empty arrays of the store's shapes
+            codes, scales = np.zeros((0, h, self.width), np.uint8), np.zeros((0, h, d), np.float16)
+            vscales = np.zeros((0, h, d // self.vgroup), np.float16)
+            stores = (codes, scales, scales, codes, vscales, vscales)
+        else:
+            stores = (self._kq[:n], self._ks[: n // g], self._km[: n // g], self._vq[:n],
+                      self._vs[:n], self._vm[:n])
+        if self._rk is None:
+            residual = (np.zeros((0, h, d), np.float16),) * 2
+        else:
+            residual = (self._rk[: self.n_r], self._rv[: self.n_r])
+        return QuantizedView(self.bits, g, self.vgroup, *stores, *self._shown_sinks(), *residual)
 
     @property
     def nbytes(self) -> int:
@@ -291,7 +268,7 @@ class QuantizedKVCache(KVCache):
             return 0
         h, d = self.n_kv_heads, self.head_dim
         n_r = n if n <= self.residual else self.residual - (-(n - self.residual) % self.group)
-        cap = -(-(n - n_r) // STEP) * STEP
+        cap = grown(n - n_r, STEP)
         per_pos = 2 * h * self.width + 2 * 2 * h * (d // self.vgroup)  # k, v codes; v scales
         return cap * per_pos + 2 * 2 * h * (cap // self.group) * d + 2 * 2 * h * self.residual * d
 
@@ -315,29 +292,7 @@ class QuantizedKVCache(KVCache):
             g = n_q // self.group
             self._ks[:g], self._km[:g] = state["ks"], state["km"]
         if "rk" in state:
-            shape = (self.residual, self.n_kv_heads, self.head_dim)
-            self._rk, self._rv = np.zeros(shape, np.float16), np.zeros(shape, np.float16)
+            self._alloc_residual()
             self._rk[:n_r], self._rv[:n_r] = state["rk"], state["rv"]
         self.n_q, self.n_r = n_q, n_r
 
-
-def view_blocks(view: QuantizedView):
-    """The view's positions as dequantized KVBlocks (Hkv, S, D), quantized ones BLOCK at a time
-    (positions numbered in the view's order: only valid for an unmasked query)."""
-    from .kv import KVBlock
-
-    n, (h, d) = len(view.kq), view.ks.shape[1:]
-    for a in range(0, n, BLOCK):
-        b = min(a + BLOCK, n)
-        kq, vq = view.kq[a:b], view.vq[a:b]
-        if view.bits == 4:
-            kq, vq = unpack4(kq), unpack4(vq)
-        g = view.group
-        k = dequantize(kq.reshape(-1, g, h, d), view.ks[a // g : b // g],
-                       view.km[a // g : b // g], axis=1).reshape(b - a, h, d)
-        v = dequantize(vq.reshape(b - a, h, d // view.vgroup, view.vgroup), view.vs[a:b],
-                       view.vm[a:b], axis=3).reshape(b - a, h, d)
-        yield KVBlock(k.transpose(1, 0, 2), v.transpose(1, 0, 2), np.arange(a, b))
-    if len(view.full_k):
-        yield KVBlock(view.full_k.transpose(1, 0, 2), view.full_v.transpose(1, 0, 2),
-                      np.arange(n, n + len(view.full_k)))

@@ -239,9 +239,9 @@ def convert(model, out, force, verify, calibration_tokens):
     from pathlib import Path
 
     from ..flash.calibration import calibrate
+    from ..flash.convert import convert as do_convert
     from ..flash.convert import progress_line
     from ..flash.verify import verify_flash_dir
-    from ..loaders.flash_format import convert as do_convert
     from ..loaders.flash_format import is_flash_dir
     from ..registry import resolve_model
 

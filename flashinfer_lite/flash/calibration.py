@@ -11,18 +11,18 @@ and the skip thresholds on the predicted score s_i = |a_i| * w_i at several skip
 
 from __future__ import annotations
 
-import pydoc_data.topics
-
 import numpy as np
 
+from ..cache.kv import KVSpec
+from ..config import ModelConfig
+from ..evaluation import topics_text
+from ..kernels.base import default_threads
+from ..kernels.onnxruntime_backend import OnnxRuntimeBackend
 from ..kernels.ops import ACTIVATIONS
+from ..models import build_model
+from ..tokenizer import Tokenizer
 
 SKIP_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
-
-
-def topics_text() -> str:
-    topics = pydoc_data.topics.topics
-    return "\n\n".join(topics[k] for k in sorted(topics))
 
 
 def calibration_ids(tokenizer, n_tokens: int) -> list[int]:
@@ -82,18 +82,11 @@ class RecordingFFN:
 
 def calibrate(f, n_tokens: int = 512) -> dict:
     """Run the dense model over n_tokens of calibration text and return the statistics."""
-    from ..cache.kv import make_kv_caches
-    from ..config import ModelConfig
-    from ..kernels.onnxruntime_backend import OnnxRuntimeBackend
-    from ..models import build_model
-    from ..options import default_threads
-    from ..tokenizer import Tokenizer
-
     cfg = ModelConfig.from_gguf(f)
     rec = RecordingFFN(f, cfg)
     net = build_model(f, OnnxRuntimeBackend(default_threads()), cfg, ffn=rec)
     ids = calibration_ids(Tokenizer(f.path), n_tokens)
-    caches = make_kv_caches("f16", cfg.n_layers, cfg.n_kv_heads, cfg.head_dim)
+    caches = net.make_cache(KVSpec("f16"))
     for s in range(0, len(ids), 256):
         net.forward(np.asarray(ids[s : s + 256]), caches)
     return {**rec.result(), "token_order": token_order(f, cfg.vocab_size)}
@@ -102,8 +95,6 @@ def calibrate(f, n_tokens: int = 512) -> dict:
 def token_order(f, vocab_size: int, chars: int = 400_000) -> np.ndarray:
     """(V,) token ids, most frequent first on calibration text (ties by id), for the hot-first
     vocabulary rows on flash."""
-    from ..tokenizer import Tokenizer
-
     ids = Tokenizer(f.path).encode(topics_text()[-chars:], add_bos=False)
     counts = np.bincount(np.asarray(ids, np.int64), minlength=vocab_size)[:vocab_size]
     return np.argsort(-counts, kind="stable").astype(np.int32)

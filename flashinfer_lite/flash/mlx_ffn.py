@@ -26,37 +26,22 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 
 from ..cache.neuron_pool import RawNeuronPool
+from ..errors import UnsupportedModelError
+from ..kernels.bundle_ffn import RAW_UP_TYPES
+from ..loaders.quant_grid import BLOCK32, block32_fields
 from .ffn import FlashFFN
-
-_UP_BLOCK = {Q.Q4_0: 18, Q.Q4_1: 20, Q.Q5_0: 22, Q.Q8_0: 34}  # bytes per 32 elements
-
-
-def _half(mx, blocks, at: int):
-    """The float16 at byte `at` of every block (..., nbytes) uint8 -> (..., 1) float32."""
-    lo = blocks[..., at : at + 1].astype(mx.uint16)
-    hi = blocks[..., at + 1 : at + 2].astype(mx.uint16)
-    return (lo | (hi << 8)).view(mx.float16).astype(mx.float32)
 
 
 def decode_rows(mx, raw, qtype: Q, k: int):
     """GGUF blocks of rows raw (n, k/32 * block bytes) uint8 (MLX) -> (n, k) float32 (MLX)."""
     n = raw.shape[0]
-    b = raw.reshape(n, k // 32, _UP_BLOCK[qtype])  # (n, blocks, bytes)
-    d = _half(mx, b, 0)
-    if qtype == Q.Q8_0:
-        q = b[..., 2:].view(mx.int8).astype(mx.float32)
-        return (d * q).reshape(n, k)
-    start = {Q.Q4_0: 2, Q.Q4_1: 4, Q.Q5_0: 6}[qtype]
-    qs = b[..., start : start + 16]
-    q = mx.concatenate([qs & 15, qs >> 4], axis=-1).astype(mx.uint32)  # (n, blocks, 32)
-    if qtype == Q.Q5_0:
-        qh = b[..., 2:6].astype(mx.uint32)  # little-endian u32: bit j -> element j's 5th bit
-        qh = qh[..., 0:1] | (qh[..., 1:2] << 8) | (qh[..., 2:3] << 16) | (qh[..., 3:4] << 24)
-        q = q | (((qh >> mx.arange(32, dtype=mx.uint32)) & 1) << 4)
-        return (d * (q.astype(mx.float32) - 16.0)).reshape(n, k)
-    if qtype == Q.Q4_0:
-        return (d * (q.astype(mx.float32) - 8.0)).reshape(n, k)
-    return (d * q.astype(mx.float32) + _half(mx, b, 2)).reshape(n, k)  # Q4_1: d * q + m
+    b = raw.reshape(n, k // 32, BLOCK32[qtype].nbytes)  # (n, blocks, bytes)
+    q, d, m = block32_fields(mx, b, qtype)  # (n, blocks, 32), (n, blocks, 1) x2
+    q = q.astype(mx.float32)
+    if qtype == Q.Q4_1:
+        return (d * q + m).reshape(n, k)
+    zero = BLOCK32[qtype].zero
+    return (d * (q - float(zero)) if zero else d * q).reshape(n, k)
 
 
 class _DevicePool:
@@ -76,11 +61,9 @@ class MlxFlashFFN(FlashFFN):
         self._ffn = self.mx.compile(self._ffn_fn)
         self._twins: dict[int, _DevicePool] = {}
         super().__init__(manifest, activation, capacity, **kw)
-        if self.layout.up_type not in _UP_BLOCK:
-            from ..errors import UnsupportedModelError
-
+        if self.layout.up_type not in RAW_UP_TYPES:
             raise UnsupportedModelError(
-                f"the GPU flash FFN decodes {', '.join(t.name for t in _UP_BLOCK)} up rows; "
+                f"the GPU flash FFN decodes {', '.join(t.name for t in RAW_UP_TYPES)} up rows; "
                 f"this model's are {self.layout.up_type.name}")
         for k in ("h2d_bytes", "h2d_s", "device_wait_s"):
             self.stats[k] = 0 if k == "h2d_bytes" else 0.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from gguf.quants import dequantize
 
 from ..errors import InvalidModelFileError
 from ..loaders.flash_format import DOWN_TYPE, open_flash_dir
@@ -14,8 +15,6 @@ from ..loaders.gguf_file import GGUFFile
 def verify_flash_dir(path: Path, source: Path | None = None) -> str:
     """Check every checksum; with the source GGUF, check every layer's up rows bit-exactly and
     its down columns to Q8_0's error. Raises InvalidModelFileError on any mismatch."""
-    from gguf.quants import dequantize
-
     man = open_flash_dir(path, verify_data=True)
     if source is None:
         return "checksums ok"

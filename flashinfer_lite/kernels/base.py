@@ -8,19 +8,32 @@ function over a `GraphBuilder`. A backend `compile`s that function once into a `
 - the ONNX Runtime backend traces it into one ONNX graph with quantized weights, so a whole
   segment is one session call (per-call overhead, ~20 us, dominates a 576-wide matvec otherwise).
 
-The attention core itself (RoPE, KV cache, softmax) stays in numpy, shared by all CPU backends;
-a device backend (kernels/mlx_backend.py) supplies its own core and caches through
-`make_attention_core` / `make_kv_caches`, so activations stay on the device between segments.
+The attention core itself (RoPE, KV cache, softmax; kernels/attention.py) stays in numpy,
+shared by all CPU backends; a device backend (kernels/mlx_backend.py) supplies its own core and
+caches through `make_attention_core` / `make_kv_caches`, so activations stay on the device
+between segments.
 """
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import psutil
 
+from ..cache.base import KVCache
+from ..cache.kv import make_kv_caches
+from ..cache.quantized import QuantizedView
 from ..loaders.gguf_file import GGUFFile
+from .ops import attention
+from .quant_attention import quantized_decode
+
+
+def default_threads() -> int:
+    """Compute threads of a CPU backend: the physical cores."""
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
 class GraphBuilder(ABC):
@@ -71,8 +84,6 @@ class Backend(ABC):
 
     def attention(self, q, k, v, q_pos, k_pos, scale, window=None) -> np.ndarray:
         """Causal GQA; see kernels/ops.attention for shapes. Backends may override."""
-        from .ops import attention
-
         return attention(q, k, v, q_pos, k_pos, scale, window)
 
     def few_query_attention(self, q, k, v, q_pos, k_pos, scale, window=None):
@@ -86,34 +97,22 @@ class Backend(ABC):
         """Whether few_query_attention would take T queries of n_heads over S positions."""
         return False
 
-    def quantized_decode_attention(self, q, view, scale) -> np.ndarray:
+    def quantized_decode_attention(self, q, view: QuantizedView, scale) -> np.ndarray:
         """One query (1, H, D) over every position of a QuantizedView (cache/quantized.py), no
         mask; (1, H * D). A numba kernel on the codes (kernels/quant_attention.py: at 4096
         positions as fast as ORT's float16 kernel, where dequantizing in ORT or numpy was 2-3x
-        slower); without numba, numpy dequantizing block by block."""
-        import importlib.util
-
-        from ..cache.quantized import view_blocks
-        from .ops import blockwise_attention
-
-        if importlib.util.find_spec("numba") is not None:
-            from .quant_attention import quantized_decode
-
-            return quantized_decode(q, view, scale)
-
-        n = len(view.kq) + len(view.full_k)
-        return blockwise_attention(q, view_blocks(view), np.array([n]), scale)
+        slower)."""
+        return quantized_decode(q, view, scale)
 
     def make_attention_core(self, f: GGUFFile, cfg, layer: int):
-        """The attention core of a layer, or None for the shared numpy one (models/common.py).
+        """The attention core of a layer, or None for the shared numpy one
+        (kernels/attention.py).
         A device backend returns its own, so q/k/v and the cache stay on the device."""
         return None
 
     def make_kv_caches(self, spec, n_layers: int, n_kv_heads: int, head_dim: int,
-                       sliding_windows=None, rope_shifts=None) -> list:
+                       sliding_windows=None, rope_shifts=None) -> list[KVCache]:
         """One KV cache per layer (cache/kv.py); a device backend may keep them on the device."""
-        from ..cache.kv import make_kv_caches
-
         return make_kv_caches(spec, n_layers, n_kv_heads, head_dim, sliding_windows,
                               rope_shifts)
 

@@ -27,8 +27,10 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 
 from ..errors import BackendUnavailableError
+from ..loaders.packed_grid import unpack
 from ..loaders.quant_grid import FLOAT_TYPES, QuantGrid, decode_grid
 from .base import Backend, GraphBuilder, Segment
+from .mlx_attention import MlxAttentionCore, MlxKVCache, device_cache_supports
 
 GROUP = 32
 # GGUF types stored by quant_grid as 8-bit whose integers span 5 bits: (MLX bits, q offset)
@@ -44,7 +46,7 @@ def mlx_gpu_available() -> bool:
     if not mlx_installed():
         return False
     try:
-        import mlx.core as mx
+        import mlx.core as mx  # optional: the [mlx] / [cuda] extras
 
         return bool(mx.is_available(mx.gpu))
     except Exception:  # a CPU-only build, or a GPU build without a driver
@@ -53,7 +55,7 @@ def mlx_gpu_available() -> bool:
 
 def _mx():
     try:
-        import mlx.core as mx
+        import mlx.core as mx  # optional: the [mlx] / [cuda] extras
     except ImportError as exc:
         raise BackendUnavailableError(
             "the MLX backend needs mlx: pip install 'flashinfer-lite[mlx]' (macOS) or "
@@ -163,13 +165,11 @@ class _MlxBuilder(GraphBuilder):
                                         group_size=group, bits=bits)
 
     def linear_packed(self, x, grid):
-        """The preview head's vocab/preview.PackedGrid: MatMulNBits' packing (low bits first)
+        """The preview head's loaders/packed_grid.PackedGrid: MatMulNBits' packing (low bits first)
         is MLX's bit stream, and scale * (code - zero) is MLX's affine group with
         bias = -scale * zero, so it maps without copying the codes' values."""
         key = ("packed", id(grid))
         if key not in self.weights:
-            from ..vocab.preview import unpack
-
             mx = self.mx
             nb = grid.k // grid.block
             zero = unpack(grid.zero, grid.bits)[:, :nb].astype(np.float32)  # (n, groups)
@@ -256,14 +256,10 @@ class MlxBackend(Backend):
         return np.asarray(a, np.float32) if isinstance(a, self.mx.array) else a
 
     def make_attention_core(self, f, cfg, layer):
-        from .mlx_attention import MlxAttentionCore
-
         return MlxAttentionCore(f, cfg, layer, self)
 
     def make_kv_caches(self, spec, n_layers, n_kv_heads, head_dim, sliding_windows=None,
                        rope_shifts=None):
-        from .mlx_attention import MlxKVCache, device_cache_supports
-
         if not device_cache_supports(spec):  # q8/q4/bounded caches stay on the host (numpy)
             return super().make_kv_caches(spec, n_layers, n_kv_heads, head_dim,
                                           sliding_windows, rope_shifts)

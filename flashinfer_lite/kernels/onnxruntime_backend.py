@@ -10,11 +10,14 @@ whole segment (models describe them; see kernels/base.py) runs as one session ca
 from __future__ import annotations
 
 import numpy as np
+import onnxruntime as ort
+import onnxruntime.capi._pybind_state as ort_state
+from onnx import TensorProto, helper, numpy_helper
 
 from ..loaders.gguf_file import GGUFFile
 from ..loaders.quant_grid import FLOAT_TYPES, QuantGrid, decode_grid
 from .base import Backend, GraphBuilder, Segment
-from .ops import needs_mask
+from .ops import needs_mask, visible
 
 MS_DOMAIN = "com.microsoft"
 OPSET = 17
@@ -42,16 +45,12 @@ class _Tracer(GraphBuilder):
         return f"{prefix}_{self._n}"
 
     def const(self, array: np.ndarray, prefix: str = "c") -> str:
-        from onnx import numpy_helper
-
         name = self._name(prefix)
         self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         self.nbytes += array.nbytes
         return name
 
     def op(self, op_type: str, inputs: list[str], domain: str | None = None, **attrs) -> str:
-        from onnx import helper
-
         out = self._name(op_type.lower())
         self.nodes.append(helper.make_node(op_type, inputs, [out], domain=domain, **attrs))
         return out
@@ -132,10 +131,8 @@ _GLOBAL_POOL: dict[str, int | None] = {"threads": None}
 def _use_global_pool(threads: int) -> bool:
     """Create ORT's process-wide thread pool once (it must precede the first session)."""
     if _GLOBAL_POOL["threads"] is None:
-        import onnxruntime.capi._pybind_state as C
-
         try:
-            C.set_global_thread_pool_sizes(threads, 1)
+            ort_state.set_global_thread_pool_sizes(threads, 1)
             _GLOBAL_POOL["threads"] = threads
         except Exception:  # the environment exists already (another ORT user in-process)
             _GLOBAL_POOL["threads"] = 0
@@ -144,9 +141,6 @@ def _use_global_pool(threads: int) -> bool:
 
 class OrtSegment(Segment):
     def __init__(self, f, fn, input_widths, threads: int, accuracy_level: int):
-        import onnxruntime as ort
-        from onnx import TensorProto, helper
-
         tr = _Tracer(f, accuracy_level)
         inputs = [f"in{i}" for i in range(len(input_widths))]
         outs = [tr.op("Identity", [o]) for o in fn(tr, *inputs)]
@@ -184,8 +178,6 @@ class OrtSegment(Segment):
 
 
 def _session_options(threads: int):
-    import onnxruntime as ort
-
     opts = ort.SessionOptions()
     if _use_global_pool(threads):
         opts.use_per_session_threads = False
@@ -213,9 +205,6 @@ class _AttentionGraphs:
         self._sessions = {}
 
     def session(self, dtype, masked: bool):
-        import onnxruntime as ort
-        from onnx import TensorProto, helper
-
         key = (np.dtype(dtype).str, masked)
         if key in self._sessions:
             return self._sessions[key]
@@ -288,10 +277,8 @@ class FewQueryAttention:
         g = h // hkv
         qg = q.reshape(t, hkv, g, d).transpose(1, 2, 0, 3).reshape(hkv, g * t, d)
         qg = np.ascontiguousarray(qg * np.float32(scale))  # rows ordered (group, query)
-        visible = k_pos[None, :] <= q_pos[:, None]  # (T, S); every query sees itself
-        if window is not None:
-            visible &= (q_pos[:, None] - k_pos[None, :]) < window
-        mask = np.where(visible, np.float32(0), np.float32(-np.inf))
+        # (T, S); every query sees itself
+        mask = np.where(visible(q_pos, k_pos, window), np.float32(0), np.float32(-np.inf))
         out = self.graphs.session(k.dtype, masked=True).run(["o"], {
             "q": qg, "k": np.ascontiguousarray(k), "v": np.ascontiguousarray(v),
             "mask": np.tile(mask, (g, 1))})[0]

@@ -51,6 +51,14 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, rope_type: str) 
     return out
 
 
+def visible(q_pos: np.ndarray, k_pos: np.ndarray, window: int | None) -> np.ndarray:
+    """(T, S) bool: which keys each query sees (causal, and within a sliding window)."""
+    mask = k_pos[None, :] <= q_pos[:, None]  # (T, S)
+    if window is not None:
+        mask &= (q_pos[:, None] - k_pos[None, :]) < window
+    return mask
+
+
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray,
               k_pos: np.ndarray, scale: float, window: int | None = None) -> np.ndarray:
     """Causal grouped-query attention.
@@ -68,10 +76,8 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray,
     scores = np.matmul(qg, k) * np.float32(scale)  # (Hkv, G*T, S)
     scores = scores.reshape(hkv, g, t, s)
     if needs_mask(q_pos, k_pos, window):
-        visible = k_pos[None, :] <= q_pos[:, None]  # (T, S)
-        if window is not None:
-            visible &= (q_pos[:, None] - k_pos[None, :]) < window
-        scores = np.where(visible[None, None], scores, np.float32(-np.inf))
+        scores = np.where(visible(q_pos, k_pos, window)[None, None], scores,
+                          np.float32(-np.inf))
     scores -= scores.max(axis=-1, keepdims=True)
     np.exp(scores, out=scores)
     scores /= scores.sum(axis=-1, keepdims=True)
@@ -119,13 +125,11 @@ def blockwise_attention(q: np.ndarray, blocks, q_pos: np.ndarray, scale: float,
         k = b.keys.astype(np.float32, copy=False)
         s = np.matmul(qg, k.transpose(0, 2, 1))  # (Hkv, G*T, S)
         if needs_mask(q_pos, kp, window):
-            visible = kp[None, :] <= q_pos[:, None]  # (T, S)
-            if window is not None:
-                visible &= (q_pos[:, None] - kp[None, :]) < window
             # a row that sees nothing in this block gets -1e30, not -inf (no inf - inf NaN):
             # its bogus weights are wiped by the rescale once a visible key arrives (every
             # query sees at least itself, in the last block)
-            s = np.where(np.tile(visible, (g, 1))[None], s, np.float32(-1e30))
+            s = np.where(np.tile(visible(q_pos, kp, window), (g, 1))[None], s,
+                         np.float32(-1e30))
         m_new = np.maximum(m, s.max(axis=-1, keepdims=True))
         s -= m_new
         np.exp(s, out=s)

@@ -56,7 +56,7 @@ class FlashReader:
         else:
             self.fd = os.open(self.path, flags)
             if direct and sys.platform == "darwin":
-                import fcntl
+                import fcntl  # POSIX only: imported where it is used, on macOS
 
                 fcntl.fcntl(self.fd, 48, 1)  # F_NOCACHE
                 self.mode = "F_NOCACHE"

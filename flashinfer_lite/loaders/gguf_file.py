@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType
+from gguf.quants import dequantize
 
 from ..errors import InvalidModelFileError, ModelNotFoundError, UnsupportedModelError
 from ..memory import release_mapped_pages
@@ -130,6 +131,11 @@ class GGUFFile:
         """`{architecture}.{suffix}`, the way llama.cpp names per-architecture keys."""
         return self.get(f"{self.architecture}.{suffix}", default)
 
+    @property
+    def head_tensor(self) -> str:
+        """The output head's rows: its own tensor, or the token embedding when tied."""
+        return "output.weight" if "output.weight" in self.tensors else "token_embd.weight"
+
     def tensor(self, name: str) -> TensorInfo:
         try:
             t = self.tensors[name]
@@ -146,8 +152,6 @@ class GGUFFile:
 
     def rows(self, name: str, ids: np.ndarray) -> np.ndarray:
         """Rows `ids` of a 2-D tensor dequantized to float32 (n, columns): for embeddings."""
-        from gguf.quants import dequantize
-
         t = self.tensor(name)
         raw = t.raw[np.asarray(ids)]
         if t.qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
@@ -156,8 +160,6 @@ class GGUFFile:
 
     def dense(self, name: str) -> np.ndarray:
         """A whole tensor as float32 in numpy order (for norms and the reference path)."""
-        from gguf.quants import dequantize
-
         t = self.tensor(name)
         if t.qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
             return np.asarray(t.raw, dtype=np.float32).reshape(t.shape)

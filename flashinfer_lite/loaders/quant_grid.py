@@ -12,6 +12,11 @@ Every supported type becomes, exactly (up to float32 rounding of scale products)
 
 with q unsigned, `zero` = 2**(bits-1) (MatMulNBits' default zero point, so no zero-point tensor is
 stored), and `minimum` None where the type has none.
+
+The 32-element types' block layouts (`BLOCK32`) and their fields (`block32_fields`, written once
+for any array module: numpy here, MLX in flash/mlx_ffn.py) are shared with the other decoders of
+GGUF blocks; the numba FFN kernel (kernels/bundle_ffn.py) decodes inside its dot products and
+takes its byte offsets from `BLOCK32`.
 """
 
 from __future__ import annotations
@@ -49,14 +54,54 @@ class QuantGrid:
         return w.reshape(n, k)
 
 
-def _f16(blocks: np.ndarray, start: int) -> np.ndarray:
-    """A float16 field at byte `start` of every block, as float32 (nblocks, 1)."""
-    return blocks[:, start : start + 2].copy().view(np.float16).astype(np.float32)
+@dataclass(frozen=True)
+class Block32:
+    """Where a 32-element GGUF block keeps its fields (ggml-quants.c's block_q*): the float16
+    scale d at byte 0, then an optional float16 minimum m, an optional u32 of 5th bits (bit j:
+    element j), and the codes (16 bytes of nibbles, byte i: element i low, i + 16 high; Q8_0:
+    32 int8). w = d * (code - zero) + m."""
+
+    nbytes: int
+    minimum: int | None  # byte offset of m
+    high: int | None  # byte offset of the 5th bits
+    codes: int  # byte offset of the codes
+    zero: int  # subtracted from the unsigned code (Q8_0's codes are signed: 0)
 
 
-def _nibbles_split(qs: np.ndarray) -> np.ndarray:
-    """ggml's 32-element nibble layout: byte i holds element i (low) and i + 16 (high)."""
-    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+BLOCK32 = {
+    Q.Q4_0: Block32(18, None, None, 2, 8),
+    Q.Q4_1: Block32(20, 2, None, 4, 0),
+    Q.Q5_0: Block32(22, None, 2, 6, 16),
+    Q.Q5_1: Block32(24, 2, 4, 8, 0),
+    Q.Q8_0: Block32(34, None, None, 2, 0),
+}
+
+
+def half(xp, blocks, at: int):
+    """The float16 at byte `at` of every block (..., nbytes) uint8 -> (..., 1) float32.
+    xp: the array module (numpy, or mlx.core)."""
+    lo = blocks[..., at : at + 1].astype(xp.uint16)
+    hi = blocks[..., at + 1 : at + 2].astype(xp.uint16)
+    return (lo | (hi << 8)).view(xp.float16).astype(xp.float32)
+
+
+def block32_fields(xp, blocks, qtype: Q):
+    """Blocks (..., nbytes) uint8 of a 32-element type -> (q, d, m): the codes (..., 32) in
+    element order (uint8 with their 5th bit; Q8_0: int8), d (..., 1) float32 and m (..., 1)
+    float32 or None. xp: the array module (numpy, or mlx.core)."""
+    lay = BLOCK32[qtype]
+    d = half(xp, blocks, 0)
+    m = None if lay.minimum is None else half(xp, blocks, lay.minimum)
+    if qtype == Q.Q8_0:
+        return blocks[..., lay.codes : lay.codes + 32].view(xp.int8), d, m
+    qs = blocks[..., lay.codes : lay.codes + 16]
+    q = xp.concatenate([qs & 15, qs >> 4], axis=-1)  # byte i: element i low, i + 16 high
+    if lay.high is not None:
+        b = blocks[..., lay.high : lay.high + 4].astype(xp.uint32)  # little-endian u32
+        qh = b[..., 0:1] | (b[..., 1:2] << 8) | (b[..., 2:3] << 16) | (b[..., 3:4] << 24)
+        high = ((qh >> xp.arange(32, dtype=xp.uint32)) & 1) << 4  # (..., 32)
+        q = (q.astype(xp.uint32) | high).astype(xp.uint8)
+    return q, d, m
 
 
 def _k_scales(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -74,28 +119,19 @@ def _k_scales(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _decode_blocks(qtype: Q, blocks: np.ndarray):
     """blocks (nb, type_size) uint8 -> (bits, block, q (nb, per_block), scale, minimum)."""
     nb = blocks.shape[0]
-    if qtype == Q.Q8_0:
-        d = _f16(blocks, 0)
-        q = (blocks[:, 2:34].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
-        return 8, 32, q, d, None
-    if qtype == Q.Q4_0:
-        d = _f16(blocks, 0)
-        return 4, 32, _nibbles_split(blocks[:, 2:18]), d, None
-    if qtype == Q.Q4_1:
-        d, m = _f16(blocks, 0), _f16(blocks, 2)
-        # d*q + m == d*(q - 8) + (m + 8d): fold the default zero point into the minimum.
-        return 4, 32, _nibbles_split(blocks[:, 4:20]), d, m + 8 * d
-    if qtype in (Q.Q5_0, Q.Q5_1):
-        off = 2 if qtype == Q.Q5_0 else 4
-        qh = blocks[:, off : off + 4].copy().view("<u4")  # (nb, 1) high bits, bit j -> elem j
-        high = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8) << 4  # (nb, 32)
-        q5 = _nibbles_split(blocks[:, off + 4 : off + 20]) | high  # 0..31
-        d = _f16(blocks, 0)
+    if qtype in BLOCK32:
+        q, d, m = block32_fields(np, blocks, qtype)
+        if qtype == Q.Q8_0:
+            return 8, 32, (q.astype(np.int16) + 128).astype(np.uint8), d, None
+        if qtype == Q.Q4_0:
+            return 4, 32, q, d, None
+        if qtype == Q.Q4_1:  # d*q + m == d*(q - 8) + (m + 8d): the zero point into the minimum
+            return 4, 32, q, d, m + 8 * d
         if qtype == Q.Q5_0:  # d*(q5 - 16) == d*((q5 + 112) - 128)
-            return 8, 32, q5 + 112, d, None
-        return 8, 32, q5 + 128, d, _f16(blocks, 2)
+            return 8, 32, q + 112, d, None
+        return 8, 32, q + 128, d, m  # Q5_1
     if qtype in (Q.Q4_K, Q.Q5_K):
-        d, dmin = _f16(blocks, 0), _f16(blocks, 2)
+        d, dmin = half(np, blocks, 0), half(np, blocks, 2)
         sc, mn = _k_scales(blocks[:, 4:16])
         scale = d * sc  # (nb, 8)
         minimum = -dmin * mn
@@ -113,7 +149,7 @@ def _decode_blocks(qtype: Q, blocks: np.ndarray):
         ql = blocks[:, 0:128].reshape(nb, 2, 64)  # (nb, half, 64)
         qh = blocks[:, 128:192].reshape(nb, 2, 32)
         sc = blocks[:, 192:208].view(np.int8).astype(np.float32)  # (nb, 16)
-        d = _f16(blocks, 208)
+        d = half(np, blocks, 208)
         groups = [
             (ql[:, :, :32] & 0x0F) | ((qh & 3) << 4),
             (ql[:, :, 32:] & 0x0F) | (((qh >> 2) & 3) << 4),
