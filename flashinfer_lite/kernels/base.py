@@ -46,7 +46,7 @@ class GraphBuilder(ABC):
         [start, stop) when `rows` is given (the output head is compiled in slices)."""
 
     def linear_packed(self, x, grid):
-        """x (T, K) @ W.T for W a vocab/preview.PackedGrid (N, K) held outside any GGUF (the
+        """x (T, K) @ W.T for W a loaders/packed_grid.PackedGrid (N, K) held outside any GGUF (the
         preview head). Backends that cannot run it raise NotImplementedError."""
         raise NotImplementedError(f"{type(self).__name__} has no packed low-bit matmul")
 
