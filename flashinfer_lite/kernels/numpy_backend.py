@@ -26,8 +26,15 @@ class _Eager(GraphBuilder):
         return self.weights[name]
 
     def linear(self, x, weight, bias=None, rows=None):
-        w = self._w(weight, transpose=True)  # stored (K, N)
-        y = x @ (w if rows is None else w[:, rows[0] : rows[1]])
+        if rows is None:
+            w = self._w(weight, transpose=True)  # stored (K, N)
+        else:  # a head slice: its rows only (each slice holding the whole table is 21 GB)
+            key = f"{weight}[{rows[0]}:{rows[1]}]"
+            if key not in self.weights:
+                part = self.f.rows(weight, np.arange(rows[0], rows[1]))  # (rows, K)
+                self.weights[key] = np.ascontiguousarray(part.T)  # (K, rows)
+            w = self.weights[key]
+        y = x @ w
         return y if bias is None else y + self._w(bias)
 
     def linear_packed(self, x, grid):
