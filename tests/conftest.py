@@ -65,14 +65,11 @@ def topics_text() -> str:
 
 def llama_cpp_logits(path, ids) -> np.ndarray:
     """llama.cpp's logits for every position of ids, (len(ids), vocab) float32."""
-    from llama_cpp import Llama
+    from flashinfer_lite.reference import llama_cpp_model
 
-    from flashinfer_lite.tokenizer import _quiet_stderr
-
-    with _quiet_stderr():
-        llm = Llama(model_path=str(path), n_ctx=max(512, len(ids) + 8), n_batch=512,
-                    logits_all=True, n_threads=2, verbose=False)
-        llm.eval(list(ids))
+    llm = llama_cpp_model(path, n_ctx=max(512, len(ids) + 8), n_batch=512, logits_all=True,
+                          n_threads=2)
+    llm.eval(list(ids))
     out = np.array(llm.scores[: len(ids)], np.float32)
     del llm
     return out

@@ -10,22 +10,6 @@ from flashinfer_lite.evaluation import compare_logits
 POSITIONS = 1024
 
 
-@pytest.fixture(autouse=True)
-def llama_cpp_plain_cpu_buffers(monkeypatch):
-    """llama.cpp on the plain CPU buffers: on a CPU with AMX this build repacks weights into
-    AMX buffers by default, and its decode then dies with a segmentation fault."""
-    import llama_cpp
-
-    default = llama_cpp.llama_cpp.llama_model_default_params
-
-    def params():
-        p = default()
-        p.use_extra_bufts = False
-        return p
-
-    monkeypatch.setattr(llama_cpp.llama_cpp, "llama_model_default_params", params)
-
-
 @pytest.fixture(scope="module")
 def qwen05():
     import flashinfer_lite as fl
