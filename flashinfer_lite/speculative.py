@@ -118,8 +118,12 @@ def speculative_step(
 
     pending = draw(prefill(prompt_ids))
     yield pending
+    # Draft length adapts like a congestion window: halved after a pass that accepted nothing,
+    # doubled back after one that accepted everything, so text the drafts miss (fresh code)
+    # pays for passes of 2 tokens, not num_draft + 1.
+    k = drafter.options.num_draft
     while True:
-        limit = None if room is None else max(room() - 1, 0)
+        limit = k if room is None else min(k, max(room() - 1, 0))
         draft = drafter(tokens, limit)
         rows = forward_all([pending, *draft])  # (1 + len(draft), vocab)
         stats.passes += 1
@@ -131,6 +135,10 @@ def speculative_step(
                 yield token
                 continue
             trim(len(draft) - j)  # drop the drafts after the last accepted one
+            if draft and j == 0:
+                k = max(1, k // 2)
+            elif draft and j == len(draft):
+                k = min(drafter.options.num_draft, 2 * k)
             pending = token
             yield token
             break

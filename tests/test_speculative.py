@@ -171,3 +171,35 @@ def test_real_model_sampling_with_drafts_runs_seeded(smollm2):
     a = _tokens(smollm2, prompt, 24, 8, temperature=0.8, seed=3)
     b = _tokens(smollm2, prompt, 24, 8, temperature=0.8, seed=3)
     assert a == b and len(a) == 24
+
+
+def test_draft_length_shrinks_when_drafts_miss_and_grows_back():
+    """A drafter that is always wrong: passes shrink to 1 draft; always right: back to 8."""
+    prompt = [1, 2, 3]
+    ref_model = ToyModel()
+    truth = take(generate_step(ref_model.prefill, ref_model.decode, prompt, make_sampler()), 60)
+
+    class Scripted:
+        options = DraftOptions(8)
+
+        def __init__(self):
+            self.right = False
+
+        def __call__(self, tokens, limit=None):
+            n = len(tokens) - len(prompt)  # generated so far; the draft follows them
+            good = truth[n : n + limit]
+            return good if self.right else [(t + 1) % V for t in good]
+
+    m, seen, drafter = ToyModel(), [], Scripted()
+
+    def forward_all(ids):
+        seen.append(len(ids))
+        return m.forward_all(ids)
+
+    gen = speculative_step(m.prefill, forward_all, m.trim, prompt, make_sampler(), drafter)
+    out = take(gen, 10)
+    assert seen[:4] == [9, 5, 3, 2] and seen[-1] == 2
+    drafter.right = True
+    out += take(gen, 40)
+    assert out == truth[:50]
+    assert max(seen[-3:]) == 9  # doubled back: 2, 3, 5, 9 drafts+1
