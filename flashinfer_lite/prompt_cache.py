@@ -26,12 +26,9 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 def make_layer_caches(net, spec: KVSpec) -> list:
-    """An empty KV cache per layer of net (a models.common.CausalLM), on its backend: sliding
-    layers keep their window, a bounded cache re-rotates its sinks with the layer's RoPE."""
-    c, cores = net.cfg, net.cores
-    return net.backend.make_kv_caches(spec, c.n_layers, c.n_kv_heads, c.head_dim,
-                                      sliding_windows=[core.window for core in cores],
-                                      rope_shifts=[core.shift_keys for core in cores])
+    """An empty KV cache per layer of net (a models.common.CausalLM), laid out as its
+    architecture attends (CausalLM.make_cache)."""
+    return net.make_cache(spec)
 
 
 @dataclass

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import functools
-import pydoc_data.topics
-
 import numpy as np
 import pytest
 
+from flashinfer_lite.evaluation import topics_text  # noqa: F401  (tests import it from here)
 from flashinfer_lite.loaders.gguf_file import GGUFFile
 from flashinfer_lite.registry import resolve_model
 
@@ -56,11 +54,6 @@ def gemma3(gemma3_path):
     return fl.load(gemma3_path, threads=2)
 
 
-@functools.lru_cache(maxsize=1)
-def topics_text() -> str:
-    """Real English text on every Python install: the pydoc topics, concatenated."""
-    topics = pydoc_data.topics.topics
-    return "\n\n".join(topics[k] for k in sorted(topics))
 
 
 def llama_cpp_logits(path, ids) -> np.ndarray:

@@ -14,7 +14,7 @@ from .base import EVICT_STEP, WINDOW_SLACK, KVCache, RopeShift, grown
 from .quantized import QuantizedKVCache
 
 __all__ = ["EVICT_STEP", "KV_KINDS", "WINDOW_SLACK", "KVSpec", "StandardKVCache",
-           "kv_cache_bytes", "make_kv_cache", "make_kv_caches"]
+           "make_kv_cache", "make_kv_caches"]
 
 KV_KINDS = ("f16", "f32", "q8", "q4")
 
@@ -188,16 +188,3 @@ def make_kv_caches(spec: KVSpec | str, n_layers: int, n_kv_heads: int, head_dim:
     return [make_kv_cache(spec, n_kv_heads, head_dim, windows[i], shifts[i])
             for i in range(n_layers)]
 
-
-def kv_cache_bytes(spec: KVSpec | str, n_layers: int, n_kv_heads: int, head_dim: int,
-                   n_tokens: int, sliding_windows=None, chunk: int = 256) -> int:
-    """Bytes the caches of a model (n_layers layers; sliding_windows as for make_kv_caches)
-    hold after n_tokens positions: the caches' own bytes_at, before any cache is built."""
-    # caches that only count store nothing: their sinks are never re-rotated
-    caches = make_kv_caches(spec, n_layers, n_kv_heads, head_dim, sliding_windows,
-                            [_unrotated] * n_layers)
-    return sum(c.bytes_at(n_tokens, chunk) for c in caches)
-
-
-def _unrotated(k: np.ndarray, delta: int) -> np.ndarray:
-    return k
