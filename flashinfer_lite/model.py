@@ -35,13 +35,11 @@ from .registry import resolve_model
 from .speculative import DraftOptions
 from .tokenizer import SegmentedEncoder
 
-SAMPLING = SamplingOptions()
-DRAFT = DraftOptions()
+SAMPLING, DRAFT = SamplingOptions(), DraftOptions()
 
 
 class Model:
-    """A loaded model. Calls are serialized by a lock, so threads may share one Model; a stream
-    holds the lock from its first chunk until it ends or is closed."""
+    """A loaded model. A lock serializes calls (threads may share one); a stream holds it."""
 
     def __init__(self, path: Path, options: LoadOptions | None = None, **kwargs):
         """options and/or fl.load's keywords (options.py): the keywords win."""
@@ -127,15 +125,13 @@ class Model:
             return old
 
     def save_cache(self, path) -> None:
-        """Write the prompt cache to path (atomically), with this model's identity and a
-        checksum."""
+        """Write the prompt cache to path (atomically), with the model's identity and a checksum."""
         with self._lock:
             self.prompt_cache.save(path, self._identity, self.kv_spec)
 
     def load_cache(self, path) -> int:
         """Replace the prompt cache with one saved by save_cache; returns the positions it
-        holds. A file from another model or cache kind, or a damaged one, raises
-        CacheFileError."""
+        holds. A file from another model or cache kind, or a damaged one: CacheFileError."""
         with self._lock:
             empty = self.make_prompt_cache()
             self.prompt_cache = PromptCache.load(path, self._identity, self.kv_spec,
@@ -223,8 +219,7 @@ class Model:
         an end-of-generation token, a stop string (not included), max_tokens, or the context end.
         cancel: an event another thread may set; the stream then stops within one token (or one
         prefill chunk), frees the KV cache and ends with a "cancelled" chunk.
-        num_draft_tokens: tokens drafted from the text itself and verified in one pass
-        (speculative decoding; output unchanged); 0 turns it off.
+        num_draft_tokens: speculative decoding's draft length (speculative.py); 0: off.
         filter_overrides: token_filter, filter_keep, filter_layer, filter_threshold (FilterOptions)
         for this call (default: what load() was given)."""
         options = with_kwargs(self.filter_options, filter_overrides)
@@ -298,9 +293,8 @@ def load(model=None, **options) -> Model:
 
     options: the option dataclasses (runtime=RuntimeOptions(...), kv=KVOptions(...), flash=,
     vocab=, filter=) and/or their fields as flat keywords, which options.py lists with their
-    defaults: memory_budget="300MB", backend="onnxruntime", kv_cache="q8", kv_window=1024,
-    token_filter="auto", ffn_share=0.5, vocab_on_flash=True, ... progress(step, total, what)
-    is called while a first load converts the model to the flash format (None: a bar on
-    stderr); an exception raised by it stops the conversion and leaves nothing behind."""
+    defaults: memory_budget="300MB", backend="onnxruntime", kv_cache="q8", token_filter="auto",
+    ffn_share=0.5, ... progress(step, total, what) is called while a first load converts the
+    model to the flash format (None: a bar on stderr); raising in it stops the conversion."""
     return Model(resolve_model(model), **options)
 
