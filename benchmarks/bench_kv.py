@@ -26,15 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
+from flashinfer_lite.evaluation import topics_text
+
 RESULTS = Path(__file__).resolve().parent / "results"
 KINDS = ("f16", "q8", "q4")
-
-
-def topics_text() -> str:
-    import pydoc_data.topics
-
-    topics = pydoc_data.topics.topics
-    return "\n\n".join(topics[k] for k in sorted(topics))
 
 
 def write(name: str, args, result: dict) -> None:
