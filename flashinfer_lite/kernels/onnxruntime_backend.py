@@ -9,6 +9,8 @@ whole segment (models describe them; see kernels/base.py) runs as one session ca
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 import onnxruntime as ort
 import onnxruntime.capi._pybind_state as ort_state
@@ -32,11 +34,56 @@ def _pack(grid: QuantGrid) -> np.ndarray:
     return np.ascontiguousarray(q[..., 0::2] | (q[..., 1::2] << 4))  # elem 2j low, 2j+1 high
 
 
+class _PackedInputs:
+    """MatMulNBits' codes and scales handed to ORT as OrtValues over pages we own, dropped once
+    ORT has prepacked them.
+
+    ORT copies what it prepacks into its own layout (codes, scales and per-block sums in one
+    buffer; on x86 the kernel reads only that buffer, mlas qnbitgemm.cpp), frees the codes it
+    holds, but keeps the scales initializer (its PrePack says is_packed=false for them): every
+    scale was held twice, 1 bit per 4-bit weight, 2 per Q6_K weight (the 1.5B: ~250 MB). Given
+    through SessionOptions.add_initializer, OrtValues are used in place, never copied, and
+    once the session exists their pages go back to the OS (MADV_DONTNEED keeps the mapping,
+    so a pointer ORT holds stays valid). `drops_supported` checks once per process that this
+    platform's kernel indeed computes from its packed copy alone.
+    """
+
+    def __init__(self):
+        self.values: dict[str, ort.OrtValue] = {}
+        self._specs: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}
+        self._maps: list[mmap.mmap] = []
+
+    def add(self, name: str, array: np.ndarray) -> None:
+        # private anonymous pages (a shared mapping would keep them after MADV_DONTNEED)
+        buf = mmap.mmap(-1, max(array.nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        owned = np.frombuffer(buf, array.dtype, array.size).reshape(array.shape)
+        owned[...] = array
+        self._maps.append(buf)
+        self.values[name] = ort.OrtValue.ortvalue_from_numpy(owned)
+        self._specs[name] = (array.dtype, array.shape)
+
+    def placeholders(self) -> list[TensorProto]:
+        """The graph's initializers for these inputs: zeros of their type and shape (ORT wants
+        an initializer to override, with data of the right size; `hand_to` overrides it)."""
+        return [TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(dtype),
+                            dims=shape, raw_data=bytes(int(np.prod(shape)) * dtype.itemsize))
+                for name, (dtype, shape) in self._specs.items()]
+
+    def hand_to(self, opts: ort.SessionOptions) -> None:
+        for name, value in self.values.items():
+            opts.add_initializer(name, value)  # used in place: never copied
+
+    def drop(self) -> None:
+        """Return the pages to the OS; reading them afterwards gives zeros."""
+        for buf in self._maps:
+            buf.madvise(mmap.MADV_DONTNEED)
+
+
 class _Tracer(GraphBuilder):
     """Records a segment as ONNX nodes; values are tensor names."""
 
-    def __init__(self, f: GGUFFile, accuracy_level: int):
-        self.f, self.accuracy_level = f, accuracy_level
+    def __init__(self, f: GGUFFile, accuracy_level: int, packed: _PackedInputs | None = None):
+        self.f, self.accuracy_level, self.packed = f, accuracy_level, packed
         self.nodes, self.inits, self._n, self.nbytes = [], [], 0, 0
         self._block_sums: dict[tuple[str, int], str] = {}
 
@@ -47,6 +94,15 @@ class _Tracer(GraphBuilder):
     def const(self, array: np.ndarray, prefix: str = "c") -> str:
         name = self._name(prefix)
         self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        self.nbytes += array.nbytes
+        return name
+
+    def kernel_input(self, array: np.ndarray, prefix: str) -> str:
+        """A MatMulNBits weight input: an OrtValue dropped after prepacking where supported."""
+        if self.packed is None:
+            return self.const(array, prefix)
+        name = self._name(prefix)
+        self.packed.add(name, np.ascontiguousarray(array))
         self.nbytes += array.nbytes
         return name
 
@@ -73,19 +129,24 @@ class _Tracer(GraphBuilder):
             w = self.f.dense(weight)[start:stop]
             y = self.op("MatMul", [x, self.const(w.T, "w")])
         else:
-            n = stop - start
-            grid = decode_grid(t.qtype, t.raw[start:stop], (n, k))
-            y = self.op(
-                "MatMulNBits",
-                [x, self.const(_pack(grid), "b"), self.const(grid.scale.reshape(-1), "s")],
-                domain=MS_DOMAIN, K=k, N=n, bits=grid.bits, block_size=grid.block,
-                accuracy_level=self.accuracy_level,
-            )
-            if grid.minimum is not None:
-                sums = self._sums(x, k // grid.block, grid.block)
-                y = self.op("Add", [y, self.op("MatMul", [sums, self.const(grid.minimum.T, "m")])])
+            y = self.linear_grid(x, decode_grid(t.qtype, t.raw[start:stop], (stop - start, k)))
         if bias is not None:
             y = self.op("Add", [y, self.const(self.f.dense(bias), "bias")])
+        return y
+
+    def linear_grid(self, x, grid: QuantGrid):
+        """x (T, K) @ W.T for W a QuantGrid (N, K)."""
+        n, k = grid.q.shape
+        y = self.op(
+            "MatMulNBits",
+            [x, self.kernel_input(_pack(grid), "b"),
+             self.kernel_input(grid.scale.reshape(-1), "s")],
+            domain=MS_DOMAIN, K=k, N=n, bits=grid.bits, block_size=grid.block,
+            accuracy_level=self.accuracy_level,
+        )
+        if grid.minimum is not None:
+            sums = self._sums(x, k // grid.block, grid.block)
+            y = self.op("Add", [y, self.op("MatMul", [sums, self.const(grid.minimum.T, "m")])])
         return y
 
     def linear_packed(self, x, grid):
@@ -140,8 +201,12 @@ def _use_global_pool(threads: int) -> bool:
 
 
 class OrtSegment(Segment):
-    def __init__(self, f, fn, input_widths, threads: int, accuracy_level: int):
-        tr = _Tracer(f, accuracy_level)
+    def __init__(self, f, fn, input_widths, threads: int, accuracy_level: int,
+                 drop_packed: bool = False):
+        """drop_packed: hand MatMulNBits' inputs as _PackedInputs and drop them once prepacked
+        (only where `drops_supported` says the kernel then reads its packed copy alone)."""
+        packed = _PackedInputs() if drop_packed else None
+        tr = _Tracer(f, accuracy_level, packed)
         inputs = [f"in{i}" for i in range(len(input_widths))]
         outs = [tr.op("Identity", [o]) for o in fn(tr, *inputs)]
         graph = helper.make_graph(
@@ -149,7 +214,7 @@ class OrtSegment(Segment):
             [helper.make_tensor_value_info(n, TensorProto.FLOAT, [None, w])
              for n, w in zip(inputs, input_widths, strict=True)],
             [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs],
-            initializer=tr.inits,
+            initializer=tr.inits + ([] if packed is None else packed.placeholders()),
         )
         model = helper.make_model(
             graph, opset_imports=[helper.make_opsetid("", OPSET),
@@ -157,9 +222,14 @@ class OrtSegment(Segment):
         opts = _session_options(threads)
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if packed is not None:
+            packed.hand_to(opts)
         blob = model.SerializeToString()
         tr.nodes, tr.inits, graph, model = [], [], None, None  # the session owns the weights
         self.sess = ort.InferenceSession(blob, opts, providers=["CPUExecutionProvider"])
+        if packed is not None:
+            packed.drop()
+        self._packed = packed  # the dropped mappings stay mapped while the session lives
         # The Python wrapper keeps the serialized model (weights included) only to rebuild the
         # session on a provider fallback, which a CPU-only session never does: drop it, or every
         # weight is held twice (measured: Gemma 3's head 435 MB of RSS instead of 243 MB).
@@ -175,6 +245,31 @@ class OrtSegment(Segment):
     @property
     def nbytes(self):
         return self._nbytes
+
+
+_DROPS: dict[int, bool] = {}  # accuracy_level -> whether dropped inputs leave outputs unchanged
+
+
+def drops_supported(threads: int, accuracy_level: int) -> bool:
+    """Whether MatMulNBits computes from its prepacked copy alone here, so that _PackedInputs
+    may be dropped: checked once per process on a small 4-bit and 8-bit matmul (one row and
+    several, enough for MLAS's threaded path) against the same graph with its inputs kept."""
+    if accuracy_level not in _DROPS:
+        rng = np.random.default_rng(0)
+        k, n = 512, 256
+        grids = [QuantGrid(bits, block, rng.integers(0, 1 << bits, (n, k), dtype=np.uint8),
+                           rng.uniform(0.5, 1.5, (n, k // block)).astype(np.float32), None)
+                 for bits, block in ((4, 32), (8, 16))]
+        x = rng.standard_normal((64, k)).astype(np.float32)
+
+        def outputs(drop: bool):
+            seg = OrtSegment(None, lambda g, h: [g.linear_grid(h, gr) for gr in grids], [k],
+                             threads, accuracy_level, drop_packed=drop)
+            return seg(x[:1]) + seg(x)
+
+        _DROPS[accuracy_level] = all(
+            np.array_equal(a, b) for a, b in zip(outputs(False), outputs(True), strict=True))
+    return _DROPS[accuracy_level]
 
 
 def _session_options(threads: int):
@@ -316,4 +411,5 @@ class OnnxRuntimeBackend(Backend):
         return self._few_query_attention(q, k, v, q_pos, k_pos, scale, window)
 
     def compile(self, f, fn, input_widths):
-        return OrtSegment(f, fn, list(input_widths), self.threads, self.accuracy_level)
+        return OrtSegment(f, fn, list(input_widths), self.threads, self.accuracy_level,
+                          drop_packed=drops_supported(self.threads, self.accuracy_level))
