@@ -7,6 +7,10 @@ with their own options for long runs) run only with `--run-slow`, which runs bot
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -14,6 +18,16 @@ import pytest
 from flashinfer_lite.flash.calibration import topics_text  # noqa: F401
 from flashinfer_lite.loaders.gguf_file import GGUFFile
 from flashinfer_lite.registry import resolve_model
+
+ROOT = Path(__file__).resolve().parents[1]
+# The command line of the code under test, run from the repository root so that `-m` imports
+# this checkout (an installed `flashinfer-lite` script may belong to another copy).
+CLI = [sys.executable, "-m", "flashinfer_lite.cli.main"]
+
+
+def run_cli(*args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          **kw)
 
 
 def pytest_addoption(parser):
