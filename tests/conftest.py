@@ -111,15 +111,28 @@ def cache_state(m):
 
 
 def llama_cpp_logits(path, ids) -> np.ndarray:
-    """llama.cpp's logits for every position of ids, (len(ids), vocab) float32."""
-    from llama_cpp import Llama
+    """llama.cpp's logits for every position of ids, (len(ids), vocab) float32.
 
-    from flashinfer_lite.tokenizer import _quiet_stderr
+    Where the llama.cpp build has AMX kernels it is loaded without its extra buffer types:
+    with them, the first evaluation crashes the process on AMX CPUs (ggml-org/llama.cpp#20824;
+    llama-cpp-python 0.3.36). Plain weights mapped from the file: the same computation."""
+    import llama_cpp
+    import llama_cpp.llama_cpp as lib
 
-    with _quiet_stderr():
-        llm = Llama(model_path=str(path), n_ctx=max(512, len(ids) + 8), n_batch=512,
-                    logits_all=True, n_threads=2, verbose=False)
-        llm.eval(list(ids))
+    defaults = lib.llama_model_default_params
+    if b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info():
+        def without_extra_buffers():  # Llama() starts from the library's default parameters
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+
+        lib.llama_model_default_params = without_extra_buffers
+    try:  # (its loader log on stderr is pytest's captured output, shown only for a failure)
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=max(512, len(ids) + 8), n_batch=512,
+                              logits_all=True, n_threads=2, verbose=False)
+    finally:
+        lib.llama_model_default_params = defaults
+    llm.eval(list(ids))
     out = np.array(llm.scores[: len(ids)], np.float32)
     del llm
     return out

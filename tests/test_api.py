@@ -122,7 +122,9 @@ def test_stream_text_equals_generate_and_reports_stats(smollm2):
     for key in ("tokens_per_s", "ttft_s", "peak_rss_bytes", "resident_bytes", "kv_bytes",
                 "flash_bytes_read", "flash_reads", "prompt_tokens", "generated_tokens"):
         assert key in s, key
-    assert s["generated_tokens"] == 12 and s["tokens_per_s"] > 0 and s["kv_bytes"] > 0
+    assert s["generated_tokens"] == 12 and s["tokens_per_s"] > 0
+    assert s["prompt_tokens"] == len(smollm2.tokenize(PROMPT))
+    assert s["kv_bytes"] == smollm2.kv_bytes > 0
 
 
 def test_stop_string_cuts_output(smollm2):
