@@ -1,17 +1,19 @@
 """The public API on the real default model: generation paths agree with each other and with
 the prompt path, the cache is reused, stats are reported, chat uses the model's template."""
 
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli
 
 import flashinfer_lite as fl
 from flashinfer_lite.chat_template import ChatTemplate
 
-CLI = str(Path(sys.executable).with_name("flashinfer-lite"))
 PROMPT = "The Python interpreter reads a source file and"
 
 
@@ -29,25 +31,20 @@ def test_tokenize_roundtrip(smollm2):
     assert smollm2.detokenize(ids) == text
 
 
-@pytest.fixture(scope="module")
-def smollm2_float(smollm2_path):
-    """The float32 reference backend: exact arithmetic, so cache logic can be checked tightly
-    (ONNX Runtime quantizes activations to int8 with different kernels for one row and for
-    many, which moves logits by ~0.2 on average between the two paths, as llama.cpp's q8 dot
-    products move them from float)."""
-    return fl.load(smollm2_path, backend="numpy")
-
-
-def test_chunked_prefill_matches_single_chunk(smollm2_path, smollm2_float):
-    ids = smollm2_float.tokenize(PROMPT * 6)
+@pytest.mark.slow  # its own model, prefilling 7 tokens at a time on the float32 path
+def test_chunked_prefill_matches_single_chunk(smollm2_path, smollm2_numpy):
+    """Prefill in chunks of 7 through the cache gives the logits of one 256-token chunk (the
+    float16 cache rounds the keys of earlier chunks, so not bit for bit)."""
+    ids = smollm2_numpy.tokenize(PROMPT * 6)
     small = fl.load(smollm2_path, backend="numpy", prefill_chunk=7)
-    a, b = smollm2_float.logits(ids), small.logits(ids)
+    a, b = smollm2_numpy.logits(ids), small.logits(ids)
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-2)
 
 
 @pytest.mark.parametrize("window", [None, 5])
-def test_sliding_window_chunks_match_one_pass(smollm2_path, window):
-    """The window mask and the key slicing of chunked prefill agree with one masked pass."""
+def test_sliding_window_chunks_match_one_pass(window):
+    """The window mask and the key slicing of chunked prefill agree with one masked pass, and
+    the pass with softmax over the visible keys by hand."""
     from flashinfer_lite.kernels.ops import attention
 
     rng = np.random.default_rng(0)
@@ -56,6 +53,13 @@ def test_sliding_window_chunks_match_one_pass(smollm2_path, window):
     v = rng.standard_normal((12, 2, 8)).astype(np.float32)
     pos = np.arange(12)
     full = attention(q, k, v, pos, pos, 0.3, window)
+    # chunks of 5 queries, each over the keys held so far; with a window, only those the
+    # chunk's first query can still see (what a sliding cache keeps)
+    for a in range(0, 12, 5):
+        b = min(a + 5, 12)
+        first = 0 if window is None else max(0, a - window + 1)
+        part = attention(q[a:b], k[first:b], v[first:b], pos[a:b], pos[first:b], 0.3, window)
+        np.testing.assert_allclose(part, full[a:b], rtol=1e-6, atol=1e-6)
     # by hand: softmax over visible keys of each query, heads grouped 2 per KV head
     for t in range(12):
         for h in range(4):
@@ -81,11 +85,11 @@ def test_onnxruntime_decode_attention_matches_numpy():
                                atol=1e-5)
 
 
-def test_decoding_with_cache_matches_prompt_path(smollm2_float, smollm2):
+def test_decoding_with_cache_matches_prompt_path(smollm2_numpy, smollm2):
     """Greedy tokens produced one at a time through the KV cache are the argmax of the
     logits of the whole sequence run as one prompt (exactly on the float path; on the int8
     path at >= 90% of positions)."""
-    for m, need in ((smollm2_float, 1.0), (smollm2, 0.9)):
+    for m, need in ((smollm2_numpy, 1.0), (smollm2, 0.9)):
         ids = m.tokenize(PROMPT)
         gen = [c.token for c in m.stream(ids, max_tokens=24) if c.token is not None]
         assert len(gen) == 24
@@ -117,7 +121,9 @@ def test_stream_text_equals_generate_and_reports_stats(smollm2):
     for key in ("tokens_per_s", "ttft_s", "peak_rss_bytes", "resident_bytes", "kv_bytes",
                 "flash_bytes_read", "flash_reads", "prompt_tokens", "generated_tokens"):
         assert key in s, key
-    assert s["generated_tokens"] == 12 and s["tokens_per_s"] > 0 and s["kv_bytes"] > 0
+    assert s["generated_tokens"] == 12 and s["tokens_per_s"] > 0
+    assert s["prompt_tokens"] == len(smollm2.tokenize(PROMPT))
+    assert s["kv_bytes"] == smollm2.kv_bytes > 0
 
 
 def test_stop_string_cuts_output(smollm2):
@@ -158,7 +164,7 @@ def test_chat_uses_the_gguf_template_and_reuses_history(smollm2):
 
 
 @pytest.mark.parametrize("name", ["smollm2", "gemma3"])
-def test_chat_tokenizes_only_the_new_turn_and_matches_whole_text(name, request):
+def test_chat_tokenizes_only_the_new_turn_and_matches_whole_text(name, request, monkeypatch):
     """apply_chat_template tokenizes a piece between special tokens at a time and remembers
     the pieces; the ids equal llama.cpp's tokenization of the whole rendered text, also with
     special tokens, spaces and newlines in the messages; a new turn tokenizes only new text."""
@@ -170,34 +176,58 @@ def test_chat_tokenizes_only_the_new_turn_and_matches_whole_text(name, request):
                {"role": "assistant", "content": " Hi!\n\n<|im_end|> <end_of_turn>x "},
                {"role": "user", "content": "\nWhat is 2 + 2? " * 30}]
     bos = tok.token_text(tok.bos_id) if tok.bos_id >= 0 else ""
+    calls, encode = [], tok.encode
+
+    def counting(text, **kw):
+        calls.append(text)
+        return encode(text, **kw)
+
+    monkeypatch.setattr(tok, "encode", counting)  # the shared model's own, back after the test
     for turn in range(2):
         text = m.chat_template.render(history, bos_token=bos,
                                       eos_token=tok.token_text(tok.eos_id),
                                       add_generation_prompt=True)
         whole = tok.encode(text, add_bos=not (bos and text.startswith(bos)))
-        calls = []
-        encode = tok.encode
-        tok.encode = lambda t, calls=calls, encode=encode, **kw: (calls.append(t)
-                                                                  or encode(t, **kw))
-        try:
-            assert m.apply_chat_template(history) == whole
-        finally:
-            tok.encode = encode
+        calls.clear()
+        assert m.apply_chat_template(history) == whole
         if turn:  # only the new turn's pieces were tokenized
             assert calls and sum(map(len, calls)) < 80, calls
         history += [{"role": "assistant", "content": "4."}, {"role": "user", "content": "5?"}]
 
 
+class CountingTokenizer:
+    """A tokenizer that records the texts it is asked to encode."""
+
+    def __init__(self, tok):
+        self.tok, self.calls = tok, []
+
+    def encode(self, text, add_bos=True):
+        self.calls.append(text)
+        return self.tok.encode(text, add_bos=add_bos)
+
+
 def test_chat_encoder_memory_is_bounded(smollm2):
+    """Pieces are remembered up to max_chars of text, least recently used out first: a piece
+    seen again is tokenized again only once it has been pushed out."""
     from flashinfer_lite.tokenizer import SegmentedEncoder
 
-    tok = smollm2.tokenizer
+    tok = CountingTokenizer(smollm2.tokenizer)
     enc = SegmentedEncoder(tok, ["<|im_start|>", "<|im_end|>"], max_chars=60)
     assert enc.exact
-    for i in range(20):
-        text = f"<|im_start|>user\nquestion {i} " + "word " * i + "<|im_end|>\n"
-        assert enc.encode(text) == tok.encode(text)
-        assert enc._chars <= 60 and sum(map(len, enc._pieces)) == enc._chars
+
+    def encode(piece):  # ids equal the whole text's; True if the piece was tokenized now
+        text = f"<|im_start|>{piece}<|im_end|>"
+        tok.calls.clear()
+        assert enc.encode(text) == smollm2.tokenizer.encode(text)
+        return piece in tok.calls
+
+    a, b, c = "user\n" + "a" * 20, "user\n" + "b" * 20, "user\n" + "c" * 20  # 25 chars each
+    assert encode(a) and encode(b)  # 50 chars remembered
+    assert not encode(a)  # remembered; a is now the most recently used
+    assert encode(c)  # 75 > 60: b, the least recently used, goes
+    assert not encode(a) and encode(b)  # a stayed; b was pushed out and comes back
+    assert encode("x" * 61)  # longer than max_chars: tokenized, never remembered...
+    assert encode("x" * 61) and not encode(b)  # ...and pushes nothing out
 
 
 def test_gemma_fallback_template():
@@ -225,11 +255,10 @@ def test_weights_stay_compact(name, request):
     assert ratio <= 1.3
 
 
+@pytest.mark.slow
 def test_cli_chat_through_a_pipe():
-    proc = subprocess.run(
-        [CLI, "chat", "--temp", "0", "-n", "12"],
-        input="Name the capital city of France.\n/stats\n/reset\nSay hi.\n/exit\n",
-        capture_output=True, text=True, timeout=300)
+    proc = run_cli("chat", "--temp", "0", "-n", "12",
+                   input="Name the capital city of France.\n/stats\n/reset\nSay hi.\n/exit\n")
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout
     assert "tokens/s" in proc.stdout and "first token:" in proc.stdout  # /stats' lines
@@ -237,20 +266,23 @@ def test_cli_chat_through_a_pipe():
     assert "Traceback" not in proc.stderr
 
 
-def test_cli_generate_json():
-    import json
-
-    proc = subprocess.run([CLI, "generate", "-p", PROMPT, "-n", "8", "--json"],
-                          capture_output=True, text=True, timeout=300)
+@pytest.mark.slow
+def test_cli_generate_json(smollm2):
+    """Plain completion (--raw) from the command line: greedy by default, as in process."""
+    proc = run_cli("generate", "--raw", "-p", PROMPT, "-n", "8", "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    assert out["stats"]["generated_tokens"] == 8 and len(out["text"]) > 0
+    assert out["stats"]["generated_tokens"] == 8
+    smollm2.reset()
+    assert out["text"] == smollm2.generate(PROMPT, max_tokens=8)
 
 
+@pytest.mark.slow
 def test_cli_inspect_json():
-    import json
-
-    proc = subprocess.run([CLI, "inspect", "--json"], capture_output=True, text=True,
+    """Through the installed console script (pyproject's [project.scripts])."""
+    script = shutil.which("flashinfer-lite") or str(Path(sys.executable).with_name(
+        "flashinfer-lite"))
+    proc = subprocess.run([script, "inspect", "--json"], capture_output=True, text=True,
                           timeout=300)
     out = json.loads(proc.stdout)
     assert out["architecture"] == "llama" and out["layers"] == 30

@@ -59,12 +59,14 @@ def test_threads_sharing_a_model_get_their_own_answers(smollm2):
 
 
 def test_second_open_stream_in_one_thread_is_refused(smollm2):
+    smollm2.reset()
+    want = smollm2.generate("4, 5, 6,", max_tokens=2, **GREEDY)
     first = smollm2.stream("1, 2, 3,", max_tokens=3)
     next(first)
     with pytest.raises(fl.InvalidArgumentError, match="still open"):
         next(smollm2.stream("4, 5, 6,", max_tokens=3))
-    first.close()  # closing releases the model
-    assert smollm2.generate("4, 5, 6,", max_tokens=2, **GREEDY)
+    first.close()  # closing releases the model, which answers as before
+    assert smollm2.generate("4, 5, 6,", max_tokens=2, **GREEDY) == want
 
 
 def test_swap_cache_keeps_two_conversations(smollm2):
@@ -85,9 +87,11 @@ def test_swap_cache_keeps_two_conversations(smollm2):
         smollm2.swap_cache(foreign)  # caches shaped for some other model are refused
 
 
-def test_close_and_context_manager(smollm2_path):
-    with fl.load(smollm2_path, threads=2) as m:
-        assert m.generate("Hi", max_tokens=1)
+def test_close_and_context_manager(smollm2_path, smollm2):
+    smollm2.reset()
+    want = smollm2.generate("Hi", max_tokens=2, **GREEDY)
+    with fl.load(smollm2_path, threads=2) as m:  # its own model: closing it is the test
+        assert m.generate("Hi", max_tokens=2, **GREEDY) == want
     with pytest.raises(fl.InvalidArgumentError, match="closed"):
         m.generate("Hi", max_tokens=1)
 

@@ -2,18 +2,15 @@
 options, a short pass key on Gemma 3, pass-2 positions, chat re-filtering, the CLI flags."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import cache_state, run_cli
 
 import flashinfer_lite as fl
 from flashinfer_lite.errors import InvalidArgumentError
 from flashinfer_lite.filter import FilterOptions, protected_mask, select, smooth
 
-CLI = str(Path(sys.executable).with_name("flashinfer-lite"))
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. "
 
 
@@ -116,15 +113,10 @@ def test_short_prompt_identical_to_no_filter(smollm2):
         assert smollm2.stats["filter_tokens_after"] == smollm2.stats["prompt_tokens"]
 
 
-def test_pass1_scores_do_not_depend_on_chunking(smollm2):
+def test_pass1_scores_do_not_depend_on_chunking(smollm2, smollm2_path):
     ids = smollm2.tokenize(FILLER * 8 + "The secret is 4312. What is the secret?")
-    gf = smollm2.gemfilter
-    whole = gf.scores(ids, 6)
-    gf.chunk = 37
-    try:
-        chunked = gf.scores(ids, 6)
-    finally:
-        gf.chunk = smollm2.prefill_chunk
+    whole = smollm2.gemfilter.scores(ids, 6)
+    chunked = fl.load(smollm2_path, prefill_chunk=37, threads=2).gemfilter.scores(ids, 6)
     # ONNX Runtime's kernels round differently for other row counts: a few % of the range
     np.testing.assert_allclose(chunked, whole, rtol=0, atol=0.05 * np.abs(whole).max())
     assert len(set(select(smooth(chunked), 24)) & set(select(smooth(whole), 24))) >= 21
@@ -150,8 +142,9 @@ def test_gemma_pass_key_kept_and_pass2_from_position_0(gemma3):
     assert all(d in kept for d in digits)
     # pass 2 ran the kept tokens alone, from position 0: the cache holds exactly them (+ the
     # generated tokens but the last), and generating from them unfiltered gives the same text
-    assert m.prompt_cache.ids[:192] == kept
-    assert m.prompt_cache.caches[0].offset == 192 + s["generated_tokens"] - 1
+    state = cache_state(m)
+    assert state.ids[:192] == kept
+    assert state.caches[0].offset == 192 + s["generated_tokens"] - 1
     assert m.generate(kept, max_tokens=8) == out
 
 
@@ -171,31 +164,37 @@ def test_chat_refilters_the_raw_history(smollm2):
     assert s["filter_tokens_before"] == len(raw)  # the whole raw history, not the kept one
     after = s["filter_tokens_after"]
     assert after == 96
-    assert m.prompt_cache.ids[:after] == m.filter_prompt(raw, keep=96, layer=4).kept_ids
+    assert cache_state(m).ids[:after] == m.filter_prompt(raw, keep=96, layer=4).kept_ids
 
 
+@pytest.mark.slow
 def test_cli_filter_flags(smollm2_path):
     prompt = FILLER * 6 + "\nWhat colour is the grass?"
-    proc = subprocess.run([CLI, "generate", "-m", str(smollm2_path), "-p", prompt, "-n", "4",
-                           "--json", "--token-filter", "gemfilter", "--filter-keep", "32",
-                           "--filter-layer", "6"], capture_output=True, text=True, timeout=300)
+    proc = run_cli("generate", "--raw", "-m", str(smollm2_path), "-p", prompt, "-n", "4",
+                   "--json", "--token-filter", "gemfilter", "--filter-keep", "32",
+                   "--filter-layer", "6")
     assert proc.returncode == 0, proc.stderr
     stats = json.loads(proc.stdout)["stats"]
     assert (stats["filter_tokens_after"], stats["filter_layer"]) == (32, 6)
-    proc = subprocess.run([CLI, "generate", "-p", "Hi", "--token-filter", "magic"],
-                          capture_output=True, text=True, timeout=300)
+    proc = run_cli("generate", "-p", "Hi", "--token-filter", "magic")
     assert proc.returncode != 0
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "magic" in lines[0]
 
 
-def test_rope_rows_come_from_one_shared_block_per_configuration(gemma3):
-    """Long prompts must not grow a RoPE table per layer (590 MB at 32k on Gemma 3): rows
-    come from one block per configuration, equal to computing them directly."""
+def test_rope_rows_come_from_one_shared_block_per_configuration(gemma3_path, monkeypatch):
+    """Long prompts must not grow a RoPE table per layer (590 MB at 32k on Gemma 3): a model
+    makes one table per configuration, whose rows equal computing them directly."""
     from flashinfer_lite.kernels.ops import rope_tables
     from flashinfer_lite.models.common import RopeTable
 
-    assert len({id(c._rope_table) for c in gemma3.net.cores}) == 2  # local + global bases
+    made = []
+    init = RopeTable.__init__
+    monkeypatch.setattr(RopeTable, "__init__",
+                        lambda self, *a, **kw: made.append(a[1:3]) or init(self, *a, **kw))
+    fl.load(gemma3_path, threads=2).close()
+    monkeypatch.undo()
+    assert sorted(made) == [(10_000.0, 1.0), (1e6, 1.0)]  # local and global (base, scale)
     table = RopeTable(256, 1e6, 1.0, None)
     for positions in (np.arange(0, 256), np.arange(1000, 1300), np.array([40000]),
                       np.arange(5, 9), np.arange(3000, 3000 + 2500)):
@@ -206,7 +205,8 @@ def test_rope_rows_come_from_one_shared_block_per_configuration(gemma3):
         assert len(table.cos) <= max(RopeTable.STEP, len(positions))
 
 
-def test_mlx_selects_the_same_tokens_as_onnxruntime(gemma3, gemma3_path):
+@pytest.mark.slow
+def test_mlx_selects_the_same_tokens_as_onnxruntime(gemma3_path):
     """Pass 1 on MLX (its CPU device here: slow, so a short prompt) keeps the tokens that the
     ONNX Runtime path keeps, up to near ties at the cut (the backends round differently)."""
     pytest.importorskip("mlx.core", reason="MLX is not installed (the [mlx]/[cuda] extras)")
@@ -214,22 +214,18 @@ def test_mlx_selects_the_same_tokens_as_onnxruntime(gemma3, gemma3_path):
     text = ("There is a pass key hidden inside a lot of irrelevant text. Find it.\n"
             + FILLER * 6 + f"\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
             + FILLER * 6 + "\nWhat is the pass key? The pass key is")
-    ids = gemma3.tokenize(text)
-    assert len(ids) > 3 * keep
     m = fl.load(gemma3_path, backend="mlx", prefill_chunk=chunk)
+    ids = m.tokenize(text)
+    assert len(ids) > 3 * keep
     got = m.filter_prompt(ids, keep=keep)
-    assert type(m.prompt_cache.caches[0]).__name__ == "MlxKVCache"  # the device path
-    gf = gemma3.gemfilter
-    gf.chunk = chunk  # the same chunking on both sides
-    try:
-        ref = gemma3.filter_prompt(ids, keep=keep)
-    finally:
-        gf.chunk = gemma3.prefill_chunk
+    assert type(cache_state(m).caches[0]).__name__ == "MlxKVCache"  # the device path
+    ort = fl.load(gemma3_path, prefill_chunk=chunk, threads=2)  # the same chunking
+    ref = ort.filter_prompt(ids, keep=keep)
     assert got.layer == ref.layer == 5
     scale = np.abs(ref.scores).max()
     # the two paths round differently (measured: within 1.9% of the largest score)
     np.testing.assert_allclose(got.scores, ref.scores, rtol=0, atol=0.03 * scale)
-    digits = gemma3.tokenize(str(key), add_bos=False)
+    digits = m.tokenize(str(key), add_bos=False)
     first = next(i for i in range(len(ids)) if ids[i : i + len(digits)] == digits)
     needle = set(range(first, first + len(digits)))  # the key's first occurrence
     assert needle <= set(got.kept) and needle <= set(ref.kept)

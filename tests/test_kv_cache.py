@@ -3,9 +3,10 @@ the quantized decode kernel against float attention, prompt cache files, the KV 
 
 import numpy as np
 import pytest
+from conftest import cache_state, run_cli, topics_text
 
 import flashinfer_lite as fl
-from flashinfer_lite.cache.kv import EVICT_STEP, KVSpec, StandardKVCache
+from flashinfer_lite.cache.kv import EVICT_STEP, KVSpec, StandardKVCache, make_kv_caches
 from flashinfer_lite.cache.quantized import (
     GROUP,
     QuantizedKVCache,
@@ -74,7 +75,6 @@ def test_residual_flushes_a_group_at_a_time(bits):
         assert 128 - GROUP < c.n_r <= 128 or c.offset <= 128
         seen.append((c.n_q, c.n_r))
     # key groups of 128 tokens: a full residual flushes one whole group
-    assert GROUP == 128
     assert seen[127] == (0, 128) and seen[128] == (128, 1) and seen[255] == (128, 128)
     assert seen[256] == (256, 1)
     keys, values, pos = c.fetch()
@@ -266,7 +266,8 @@ def test_prefill_dequantizer_matches_numpy(bits):
     k, v = kv_data(1500, hkv=3)
     c.update(k, v)
     blocks = list(code_blocks(c.view(), 10))
-    kd, vd = c._dequantize(0, c.n_q)  # (N, Hkv, D)
+    kd, vd, _ = c.fetch()  # (N, Hkv, D): the quantized positions first, then the residual
+    kd, vd = kd[: c.n_q], vd[: c.n_q]
     assert np.array_equal(np.concatenate([b.keys for b in blocks], 1), kd.transpose(1, 0, 2))
     assert np.array_equal(np.concatenate([b.values for b in blocks], 1), vd.transpose(1, 0, 2))
     assert np.array_equal(np.concatenate([b.positions for b in blocks]), 10 + np.arange(c.n_q))
@@ -290,54 +291,57 @@ def test_quantized_bytes_per_token_goals():
 # ---- on the real models ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def smol_ids(smollm2):
-    from conftest import topics_text
-
     return smollm2.tokenize(topics_text()[20000:40000])[:1200]
 
 
-def ppl_with(m, spec, ids):
+@pytest.fixture(scope="module")
+def kv_model(smollm2_path, smollm2):
+    """SmolLM2 with other KV cache options, each loaded once (the shared model is f16)."""
+    models = {("f16", None): smollm2}
+
+    def get(kind, window=None):
+        if (kind, window) not in models:
+            models[kind, window] = fl.load(smollm2_path, kv_cache=kind, kv_window=window,
+                                           threads=2)
+        return models[kind, window]
+
+    return get
+
+
+@pytest.mark.slow  # models of their own, 1000 positions each
+def test_quantized_caches_keep_perplexity_and_save_memory(kv_model, smol_ids):
     from flashinfer_lite.evaluation import perplexity
 
-    old = m.kv_spec
-    m.kv_spec = spec
-    try:
-        return perplexity(m.logits(ids), ids), m.kv_bytes
-    finally:
-        m.kv_spec = old
-        m.reset()
-
-
-def test_quantized_caches_keep_perplexity_and_save_memory(smollm2, smol_ids):
     ids = smol_ids[:1000]
-    f16, b16 = ppl_with(smollm2, KVSpec("f16"), ids)
-    q8, b8 = ppl_with(smollm2, KVSpec("q8"), ids)
-    q4, b4 = ppl_with(smollm2, KVSpec("q4"), ids)
-    assert abs(q8 / f16 - 1) < 0.01 and abs(q4 / f16 - 1) < 0.04, (f16, q8, q4)
+    ppl, held = {}, {}
+    for kind in ("f16", "q8", "q4"):
+        m = kv_model(kind)
+        ppl[kind] = perplexity(m.logits(ids), ids)
+        held[kind] = m.kv_bytes
+    f16, q8, q4 = ppl["f16"], ppl["q8"], ppl["q4"]
+    assert abs(q8 / f16 - 1) < 0.01 and abs(q4 / f16 - 1) < 0.04, ppl
     # (at 1000 positions the float16 residual is 13% of them; see the benchmark for 4k)
-    assert b8 < 0.6 * b16 and b4 < 0.4 * b16, (b16, b8, b4)
+    assert held["q8"] < 0.6 * held["f16"] and held["q4"] < 0.4 * held["f16"], held
 
 
-def test_bounded_cache_stays_coherent_past_the_window(smollm2, smol_ids):
+@pytest.mark.slow  # models of their own, 800 positions each
+def test_bounded_cache_stays_coherent_past_the_window(kv_model, smol_ids):
     """Perplexity of text far past a 128-token window stays near the unbounded cache's (the
     sinks and re-positioning at work); q8 combines with it."""
     from flashinfer_lite.evaluation import log_softmax
 
-    def tail_ppl(spec):
-        old, smollm2.kv_spec = smollm2.kv_spec, spec
-        try:
-            lg = smollm2.logits(smol_ids[:800])
-        finally:
-            smollm2.kv_spec = old
+    def tail_ppl(m):
+        lg = m.logits(smol_ids[:800])
         lp = log_softmax(lg[500:-1])  # 500+ positions past a 128-token window
         return float(np.exp(-lp[np.arange(len(lp)), smol_ids[501:800]].mean()))
 
-    full = tail_ppl(KVSpec("f16"))
-    bounded = tail_ppl(KVSpec("f16", window=128, sinks=4))
-    bounded_q8 = tail_ppl(KVSpec("q8", window=128, sinks=4))
-    smollm2.reset()
+    full = tail_ppl(kv_model("f16"))
+    bounded = tail_ppl(kv_model("f16", 128))
+    bounded_q8 = tail_ppl(kv_model("q8", 128))
     assert bounded < 1.25 * full and bounded_q8 < 1.25 * full, (full, bounded, bounded_q8)
 
 
+@pytest.mark.slow  # its own model, 220 tokens decoded
 def test_bounded_generation_runs_past_the_context(smollm2_path):
     m = fl.load(smollm2_path, kv_cache="q8", kv_window=128, ctx_size=160, threads=2)
     # mid-sentence, so the first token is not end-of-text: after "...and the sea." SmolLM2's
@@ -345,51 +349,52 @@ def test_bounded_generation_runs_past_the_context(smollm2_path):
     ids = m.tokenize("Once upon a time, a lighthouse keeper named Tom lived by the sea. "
                      "Every night he")
     out = list(m.stream(ids, max_tokens=220, temperature=0.0))
-    assert len(out) == 220 and m.prompt_cache.caches[0].offset > 160  # past ctx_size, no error
-    assert all(c.held <= 4 + 128 + EVICT_STEP + 1 for c in m.prompt_cache.caches)
+    caches = cache_state(m).caches
+    assert len(out) == 220 and caches[0].offset > 160  # past ctx_size, no error
+    assert all(c.held <= 4 + 128 + EVICT_STEP + 1 for c in caches)
     tokens = [c.token for c in out[-100:]]
     assert len(set(tokens)) > 20  # still text, not one token repeated
 
 
+@pytest.mark.slow  # 1100 positions, twice
 def test_sliding_window_layers_keep_only_their_window_exactly(gemma3):
-    """Gemma 3's local layers keep ~512 positions; logits equal keeping everything."""
-    from conftest import topics_text
-
-    from flashinfer_lite.cache.kv import make_kv_caches
-
+    """Gemma 3's local layers keep ~512 positions; what it generates equals keeping
+    everything (caches that never drop a position, swapped in through swap_cache)."""
     ids = gemma3.tokenize(topics_text()[:12000])[:1100]
     c = gemma3.config
-
-    def hidden(caches):  # final hidden states, fed in prefill chunks as the model does
-        return np.concatenate([gemma3.net.forward(np.asarray(ids[a : a + 256]), caches)
-                               for a in range(0, len(ids), 256)])
-
-    windowed = gemma3.make_prompt_cache().caches
-    h_windowed = hidden(windowed)
-    h_full = hidden(make_kv_caches(KVSpec("f16"), c.n_layers, c.n_kv_heads, c.head_dim))
-    local = [w.held for i, w in enumerate(windowed) if c.is_sliding(i)]
+    gemma3.reset()
+    windowed = gemma3.generate(ids, max_tokens=12)
+    caches = cache_state(gemma3).caches
+    local = [w.held for i, w in enumerate(caches) if c.is_sliding(i)]
     assert max(local) < 512 + 128 + 64 + 256
-    assert all(w.held == 1100 for i, w in enumerate(windowed) if not c.is_sliding(i))
-    np.testing.assert_allclose(h_windowed, h_full, atol=1e-3 * np.abs(h_full).max())
+    assert all(w.offset == w.held for i, w in enumerate(caches) if not c.is_sliding(i))
+    everything = make_kv_caches(KVSpec("f16"), c.n_layers, c.n_kv_heads, c.head_dim)
+    gemma3.swap_cache(fl.KVState([], everything, owner=id(gemma3)))
+    try:
+        assert gemma3.generate(ids, max_tokens=12) == windowed
+        assert min(w.held for w in cache_state(gemma3).caches) >= 1100
+    finally:
+        gemma3.reset()  # the shared model gets its own caches back
 
 
 @pytest.mark.parametrize("kind", ["f16", "q4"])
-def test_prompt_cache_file_roundtrip(smollm2_path, tmp_path, kind):
-    a = fl.load(smollm2_path, kv_cache=kind, threads=2)
+def test_prompt_cache_file_roundtrip(smollm2_path, kv_model, tmp_path, kind):
+    a = kv_model(kind)
     prompt = "The Python interpreter reads a source file and"
+    a.reset()
     first = a.generate(prompt, max_tokens=8)
-    saved = len(a.prompt_cache.ids)
+    saved = len(cache_state(a).ids)
     a.save_cache(tmp_path / "c.flkv")
     assert not list(tmp_path.glob("*.tmp"))  # written under a temporary name, then renamed
     cont = a.generate(prompt + first + " Then", max_tokens=8)
-    b = fl.load(smollm2_path, kv_cache=kind, threads=2)
+    b = fl.load(smollm2_path, kv_cache=kind, threads=2)  # another instance reads the file
     assert b.load_cache(tmp_path / "c.flkv") == saved
     assert b.generate(prompt + first + " Then", max_tokens=8) == cont
     assert b.stats["prompt_tokens_reused"] > 8
 
 
-def test_prompt_cache_file_refused_when_wrong(smollm2_path, gemma3, tmp_path):
-    m = fl.load(smollm2_path, threads=2)
+def test_prompt_cache_file_refused_when_wrong(smollm2, kv_model, gemma3, tmp_path):
+    m = smollm2
     m.generate("Hello there", max_tokens=2)
     path = tmp_path / "c.flkv"
     m.save_cache(path)
@@ -408,22 +413,24 @@ def test_prompt_cache_file_refused_when_wrong(smollm2_path, gemma3, tmp_path):
     (tmp_path / "other.flkv").write_bytes(b"GGUF" + bytes(100))
     with pytest.raises(fl.CacheFileError, match="not a flashinfer-lite prompt cache"):
         m.load_cache(tmp_path / "other.flkv")
-    q4 = fl.load(smollm2_path, kv_cache="q4", threads=2)
+    q4 = kv_model("q4")
     with pytest.raises(fl.CacheFileError, match="this model uses"):
         q4.load_cache(path)
     assert m.load_cache(path) > 0  # the good file still loads
 
 
-def test_kv_budget_is_a_clear_error_or_a_bounded_cache(smollm2_path):
+@pytest.mark.slow  # three models of their own, ~1000 positions
+def test_kv_budget_is_a_clear_error_or_a_bounded_cache(smollm2_path, smollm2):
     from flashinfer_lite.memory import parse_budget
     from flashinfer_lite.planning import DENSE_RSS_PER_FILE_BYTE
 
-    probe = fl.load(smollm2_path, threads=2)
+    probe = smollm2
     # the smallest budget that keeps the dense model (below it the planner goes to flash)
     file_bytes = smollm2_path.stat().st_size
     budget = int(DENSE_RSS_PER_FILE_BYTE * file_bytes + probe.kv_bytes_needed(1024)) + 1
     m = fl.load(smollm2_path, memory_budget=budget, threads=2)
-    assert m.flash is None and m.memory_budget == parse_budget(budget, file_bytes)
+    assert m.path == smollm2_path and not m.flash_report()  # dense: no flash conversion
+    assert m.memory_budget == parse_budget(budget, file_bytes)
     left = m.kv_budget_bytes()
     n = next(n for n in range(256, 8192, 64) if m.kv_bytes_needed(n) > left)
     ids = m.tokenize("word " * (2 * n))[:n]
@@ -445,16 +452,14 @@ def test_kv_options_are_validated(smollm2_path):
             fl.load(smollm2_path, **kw)
 
 
+@pytest.mark.slow
 def test_cli_kv_flags():
-    import subprocess
-    import sys
+    import json
 
-    ok = subprocess.run([sys.executable, "-m", "flashinfer_lite.cli.main", "generate", "-p",
-                         "The sea is", "-n", "4", "--kv-cache", "q4", "--kv-window", "128",
-                         "--kv-sinks", "2", "--json"], capture_output=True, text=True)
-    assert ok.returncode == 0 and '"kv_bytes"' in ok.stdout, ok.stderr
-    bad = subprocess.run([sys.executable, "-m", "flashinfer_lite.cli.main", "generate", "-p",
-                          "x", "--kv-cache", "q4", "--kv-window", "64"],
-                         capture_output=True, text=True)
+    ok = run_cli("generate", "--raw", "-p", "The sea is", "-n", "4", "--kv-cache", "q4",
+                 "--kv-window", "128", "--kv-sinks", "2", "--json")
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["stats"]["kv_bytes"] > 0
+    bad = run_cli("generate", "-p", "x", "--kv-cache", "q4", "--kv-window", "64")
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1
     assert "kv_window (64) must be at least kv_residual (128)" in bad.stderr

@@ -1,6 +1,6 @@
 """The MLX backend against the numpy reference. In CI this runs on MLX's CPU device (Linux:
-`mlx-cpu`), which is slow, so the model checks use a few dozen tokens; the 512-position GPU
-comparison is benchmarks/bench_mlx.py's."""
+`mlx-cpu`), which is slow (the slow tier), so the model checks use a few dozen tokens; the
+512-position GPU comparison is benchmarks/bench_mlx.py's."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
 mx = pytest.importorskip("mlx.core", reason="MLX is not installed (the [mlx]/[cuda] extras)")
+pytestmark = pytest.mark.slow
 
-from conftest import topics_text  # noqa: E402
+from conftest import cache_state, topics_text  # noqa: E402
 
 import flashinfer_lite as fl  # noqa: E402
 from flashinfer_lite.kernels.mlx_backend import (  # noqa: E402
@@ -61,49 +62,50 @@ def test_k_quants_of_a_real_file(gemma3_file):
             assert 0 < err < 1e-2
 
 
+# Both backends prefill in chunks of 4: several chunks in a few dozen tokens.
 @pytest.fixture(scope="module")
-def smollm2_numpy(smollm2_path):
+def numpy_chunk4(smollm2_path):
     return fl.load(smollm2_path, backend="numpy", prefill_chunk=4)
 
 
 @pytest.fixture(scope="module")
-def smollm2_mlx(smollm2_path):
+def mlx_chunk4(smollm2_path):
     return fl.load(smollm2_path, backend="mlx", prefill_chunk=4)
 
 
-def test_logits_match_numpy_through_chunked_prefill(smollm2_numpy, smollm2_mlx):
-    ids = _ids(smollm2_numpy, 7)  # 2 chunks: the device cache and causal masks across chunks
-    ref, got = smollm2_numpy.logits(ids), smollm2_mlx.logits(ids)
-    assert type(smollm2_mlx.prompt_cache.caches[0]).__name__ == "MlxKVCache"
+def test_logits_match_numpy_through_chunked_prefill(numpy_chunk4, mlx_chunk4):
+    ids = _ids(numpy_chunk4, 7)  # 2 chunks: the device cache and causal masks across chunks
+    ref, got = numpy_chunk4.logits(ids), mlx_chunk4.logits(ids)
+    assert type(cache_state(mlx_chunk4).caches[0]).__name__ == "MlxKVCache"
     assert np.abs(got - ref).max() < 0.05
     assert (got.argmax(-1) == ref.argmax(-1)).all()
 
 
-def test_greedy_decode_matches_numpy(smollm2_numpy, smollm2_mlx, tmp_path):
+def test_greedy_decode_matches_numpy(numpy_chunk4, mlx_chunk4, tmp_path):
     prompt = "The Python language"
-    a = smollm2_numpy.generate(prompt, max_tokens=3)
-    b = smollm2_mlx.generate(prompt, max_tokens=3)
+    a = numpy_chunk4.generate(prompt, max_tokens=3)
+    b = mlx_chunk4.generate(prompt, max_tokens=3)
     assert a == b and len(a) > 0
     # a second call reuses the device cache's prefix (trim) and must give the same text
-    assert smollm2_mlx.generate(prompt, max_tokens=3) == b
+    assert mlx_chunk4.generate(prompt, max_tokens=3) == b
     # the device cache round-trips through a prompt-cache file
     path = tmp_path / "prompt.flkv"
-    smollm2_mlx.save_cache(path)
-    held = smollm2_mlx.prompt_cache.caches[0].offset
-    smollm2_mlx.reset()
-    assert smollm2_mlx.load_cache(path) == held == smollm2_mlx.prompt_cache.caches[0].offset
-    assert smollm2_mlx.generate(prompt, max_tokens=3) == b
-    assert smollm2_mlx.stats["prompt_tokens_reused"] > 0
+    mlx_chunk4.save_cache(path)
+    held = cache_state(mlx_chunk4).caches[0].offset
+    mlx_chunk4.reset()
+    assert mlx_chunk4.load_cache(path) == held == cache_state(mlx_chunk4).caches[0].offset
+    assert mlx_chunk4.generate(prompt, max_tokens=3) == b
+    assert mlx_chunk4.stats["prompt_tokens_reused"] > 0
 
 
-def test_quantized_kv_cache_stays_on_host(smollm2_path, smollm2_numpy):
+def test_quantized_kv_cache_stays_on_host(smollm2_path, numpy_chunk4):
     """q8 is a host cache: the MLX model then runs the shared numpy attention core. Six positions
     stay in q8's float16 residual, so the numpy f16 logits are the reference."""
     m = fl.load(smollm2_path, backend="mlx", kv_cache="q8", prefill_chunk=4)
-    ids = _ids(smollm2_numpy, 6)
+    ids = _ids(numpy_chunk4, 6)
     got = m.logits(ids)
-    assert type(m.prompt_cache.caches[0]).__name__ == "QuantizedKVCache"
-    assert np.abs(got - smollm2_numpy.logits(ids)).max() < 0.05
+    assert type(cache_state(m).caches[0]).__name__ == "QuantizedKVCache"
+    assert np.abs(got - numpy_chunk4.logits(ids)).max() < 0.05
 
 
 @pytest.mark.parametrize("layer", [0, 5])  # a sliding-window layer, a global one
@@ -155,18 +157,16 @@ def test_gemma3_attention_core_on_the_device(gemma3_file, layer):
         step(3)
 
 
-def test_flash_ffn_on_the_device_matches_the_cpu_one(smollm2_path, smollm2_numpy):
-    from flashinfer_lite.flash.mlx_ffn import MlxFlashFFN
-
-    ids = _ids(smollm2_numpy, 5)
+def test_flash_ffn_on_the_device_matches_the_cpu_one(smollm2_path, numpy_chunk4):
+    ids = _ids(numpy_chunk4, 5)
     cpu = fl.load(smollm2_path, backend="numpy", ffn_share=0.5, prefill_chunk=2)
     gpu = fl.load(smollm2_path, backend="mlx", ffn_share=0.5, prefill_chunk=2)
-    assert isinstance(gpu.flash, MlxFlashFFN)
     ref, got = cpu.logits(ids), gpu.logits(ids)
     # the skip rule may flip a neuron at its threshold between backends: compare predictions
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 4 / 5
     assert np.median(np.abs(got - ref)) < 0.1
     r = gpu.flash_report()
+    # the device's neuron pool (MlxFlashFFN) copied in bundles read from flash
     assert r["h2d_bytes"] > 0 and r["flash_bytes_read"] >= r["h2d_bytes"] * 0.5
 
 
@@ -182,20 +182,20 @@ def test_device_bundle_decoder(qtype):
 
 def test_preview_head_grid_on_mlx(smollm2_file):
     """The vocabulary-on-flash preview head (2-bit MatMulNBits layout) as MLX groups."""
-    from flashinfer_lite.kernels.mlx_backend import _MlxBuilder
+    from flashinfer_lite.kernels.mlx_backend import MlxBackend
     from flashinfer_lite.vocab.preview import quantize as preview_quantize
 
     w = np.random.default_rng(5).standard_normal((96, 576)).astype(np.float32)
     grid = preview_quantize(w, 2, 64)
     x = np.random.default_rng(6).standard_normal((3, 576)).astype(np.float32)
-    got = np.array(_MlxBuilder(smollm2_file, mx).linear_packed(mx.array(x), grid))
+    seg = MlxBackend().compile(smollm2_file, lambda g, h: [g.linear_packed(h, grid)], [576])
+    got = np.array(seg(mx.array(x))[0])
     np.testing.assert_allclose(got, x @ grid.dequantize().T, rtol=1e-4, atol=1e-3)
 
 
-def test_auto_picks_mlx_only_with_a_gpu():
-    from flashinfer_lite.loading import make_backend
-
-    assert make_backend("auto", 1).name == ("mlx" if mlx_gpu_available() else "onnxruntime")
+def test_auto_picks_mlx_only_with_a_gpu(smollm2):
+    # the shared model is loaded with the default backend, "auto"
+    assert smollm2.backend.name == ("mlx" if mlx_gpu_available() else "onnxruntime")
 
 
 def test_windowed_device_cache_state_round_trip():

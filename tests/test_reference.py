@@ -1,10 +1,13 @@
-"""Both real models against llama.cpp on real text (pydoc topics), and greedy continuations."""
+"""Both real models against llama.cpp on real text (pydoc topics), and greedy continuations
+(the slow tier); ONNX Runtime's weight layout against the float32 reference."""
 
 import numpy as np
 import pytest
 from conftest import llama_cpp_logits, topics_text
 
 from flashinfer_lite.evaluation import compare_logits
+from flashinfer_lite.kernels.numpy_backend import NumpyBackend
+from flashinfer_lite.kernels.onnxruntime_backend import OnnxRuntimeBackend
 
 POSITIONS = 1024
 PROMPTS = [
@@ -20,6 +23,7 @@ def text_ids(m, n):
     return [m.tokenizer.bos_id] + m.tokenize(topics_text()[: 8 * n], add_bos=False)[: n - 1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["smollm2", "gemma3"])
 def test_logits_match_llama_cpp(name, request):
     m = request.getfixturevalue(name)
@@ -35,6 +39,7 @@ def test_logits_match_llama_cpp(name, request):
     assert r.max_reference_margin <= 1.0, r
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["smollm2", "gemma3"])
 def test_greedy_continuations_match_llama_cpp_until_a_near_tie(name, request):
     """Our greedy 64 tokens, teacher-forced through llama.cpp: at the first position where
@@ -58,35 +63,33 @@ def test_greedy_continuations_match_llama_cpp_until_a_near_tie(name, request):
             print(f"{name} {prompt!r}: all {len(gen)} greedy tokens equal llama.cpp's")
 
 
-def test_numpy_reference_backend_matches_llama_cpp(smollm2_path):
+@pytest.mark.slow
+def test_numpy_reference_backend_matches_llama_cpp(smollm2_numpy):
     """The float32 reference path (gguf's dequantizers + numpy) agrees with llama.cpp too."""
-    import flashinfer_lite as fl
-
-    m = fl.load(smollm2_path, backend="numpy")
+    m = smollm2_numpy
     ids = text_ids(m, 256)
     r = compare_logits(m.logits(ids), llama_cpp_logits(m.path, ids), ids)
     assert abs(r.ppl_ratio - 1) <= 0.01 and r.top1_agreement >= 0.94, r
-    m.close()
 
 
-def test_onnxruntime_weight_layout_is_exact(smollm2_path):
+@pytest.mark.parametrize("weights,width", [
+    # one layer's projections (Q4_1), then a slice of the tied head (Q8_0)
+    (["blk.4.attn_q.weight", "blk.4.attn_k.weight", "blk.4.attn_v.weight",
+      "blk.4.attn_output.weight", "blk.4.ffn_gate.weight", "blk.4.ffn_up.weight"], 576),
+    (["blk.4.ffn_down.weight"], 1536),
+    (["token_embd.weight"], 576),
+])
+def test_onnxruntime_weight_layout_is_exact(smollm2_file, weights, width):
     """With float activations (accuracy_level 0), the MatMulNBits weights built from GGUF
-    blocks reproduce the float32 reference backend to rounding error, layer by layer."""
-    from flashinfer_lite.config import ModelConfig
-    from flashinfer_lite.kernels.numpy_backend import NumpyBackend
-    from flashinfer_lite.kernels.onnxruntime_backend import OnnxRuntimeBackend
-    from flashinfer_lite.loaders.gguf_file import GGUFFile
-    from flashinfer_lite.models.llama import LlamaModel
+    blocks reproduce the float32 reference backend's products to rounding error."""
+    def segment(g, x):
+        rows = (1000, 3000) if weights == ["token_embd.weight"] else None
+        return [g.linear(x, w, rows=rows) for w in weights]
 
-    f = GGUFFile(smollm2_path)
-    cfg = ModelConfig.from_gguf(f)
-    x = np.random.default_rng(0).standard_normal((3, cfg.d_model)).astype(np.float32)
-    a = np.random.default_rng(1).standard_normal((3, cfg.d_model)).astype(np.float32)
-    outs = []
-    for backend in (NumpyBackend(), OnnxRuntimeBackend(2, accuracy_level=0)):
-        model = LlamaModel.__new__(LlamaModel)
-        model.file, model.cfg, model.ffn = f, cfg, None
-        seg = backend.compile(f, lambda g, x, a, m=model: m._segment(g, x, a, 4), [576, 576])
-        outs.append(seg(x, a))
-    for ref, got in zip(*outs, strict=True):
-        np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-3)
+    x = np.random.default_rng(0).standard_normal((3, width)).astype(np.float32)
+    ref = NumpyBackend().compile(smollm2_file, segment, [width])(x)
+    got = OnnxRuntimeBackend(2, accuracy_level=0).compile(smollm2_file, segment, [width])(x)
+    for name, r, o in zip(weights, ref, got, strict=True):
+        assert r.shape == o.shape == (3, 2000 if name == "token_embd.weight"
+                                      else smollm2_file.tensor(name).shape[0])
+        np.testing.assert_allclose(o, r, rtol=1e-3, atol=1e-3, err_msg=name)

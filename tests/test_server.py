@@ -8,11 +8,10 @@ import http.client
 import json
 import os
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
+from conftest import CLI, ROOT
 
 openai = pytest.importorskip("openai")  # the [test] extra installs it (and fastapi, uvicorn)
 pytest.importorskip("fastapi")
@@ -48,11 +47,18 @@ def raw(server, method, path, body=None, headers=None):
         conn.close()
 
 
-def still_serves(server):
+@pytest.fixture(scope="module")
+def counting(smollm2):
+    """What the model answers in process to the request still_serves sends."""
+    smollm2.reset()
+    return smollm2.generate("1, 2, 3,", max_tokens=2, **GREEDY)
+
+
+def still_serves(server, want):
     status, body = raw(server, "POST", "/v1/completions",
                        {"model": MODEL_ID, "prompt": "1, 2, 3,", "max_tokens": 2,
                         "temperature": 0})
-    assert status == 200 and body["choices"][0]["text"]
+    assert status == 200 and body["choices"][0]["text"] == want
 
 
 def test_chat_matches_in_process_greedy(client, smollm2):
@@ -143,14 +149,14 @@ BIG = 10 * 1024 * 1024
     ([1, 2], 400, None),
     (b"x" * BIG, 413, None),  # a 10 MB body
 ])
-def test_bad_requests_get_openai_errors(server, body, status, param):
+def test_bad_requests_get_openai_errors(server, counting, body, status, param):
     got, reply = raw(server, "POST", "/v1/completions", body)
     assert got == status, reply
     err = reply["error"]
     assert err["message"] and err["type"] == "invalid_request_error"
     if param is not None:
         assert err["param"] == param
-    still_serves(server)
+    still_serves(server, counting)
 
 
 def test_prompt_past_the_context(client, smollm2):
@@ -164,7 +170,7 @@ def test_prompt_past_the_context(client, smollm2):
             {"role": "user", "content": text}])
 
 
-def test_client_closing_mid_stream_stops_generation(server, smollm2):
+def test_client_closing_mid_stream_stops_generation(server, smollm2, counting):
     before = raw(server, "GET", "/health")[1]["cancelled"]
     conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
     conn.request("POST", "/v1/completions", json.dumps(
@@ -183,10 +189,11 @@ def test_client_closing_mid_stream_stops_generation(server, smollm2):
         time.sleep(0.05)
     assert smollm2.stats["cancelled"] and smollm2.stats["generated_tokens"] < 400
     assert smollm2.kv_bytes == 0  # its cache was freed, not parked for reuse
-    still_serves(server)
+    still_serves(server, counting)
 
 
 def test_api_key_checked_on_every_request(smollm2):
+    want = smollm2.chat(QUESTION, max_tokens=2, **GREEDY)
     with LocalServer(smollm2, MODEL_ID, api_key="s3cret") as srv:
         good = openai.OpenAI(base_url=srv.base_url, api_key="s3cret", max_retries=0)
         bad = openai.OpenAI(base_url=srv.base_url, api_key="wrong", max_retries=0)
@@ -196,19 +203,16 @@ def test_api_key_checked_on_every_request(smollm2):
             bad.chat.completions.create(model=MODEL_ID, messages=QUESTION, max_tokens=2)
         assert raw(srv, "GET", "/health")[0] == 401
         assert good.chat.completions.create(model=MODEL_ID, messages=QUESTION, max_tokens=2,
-                                            temperature=0).choices[0].message.content
+                                            temperature=0).choices[0].message.content == want
 
 
-def test_cli_serve_warns_off_loopback_and_reads_key_from_env(tmp_path):
+@pytest.mark.slow
+def test_cli_serve_warns_off_loopback_and_reads_key_from_env():
     """`flashinfer-lite serve` as a user runs it: a port, the key from the environment, and a
     warning when bound beyond loopback (0.0.0.0 is reached here through 127.0.0.1)."""
-    cli = str(Path(sys.executable).with_name("flashinfer-lite"))
-    if not Path(cli).exists():
-        cli = None
-    cmd = [cli] if cli else [sys.executable, "-m", "flashinfer_lite.cli.main"]
     env = {**os.environ, "FLASHINFER_LITE_API_KEY": "k1"}
-    proc = subprocess.Popen(cmd + ["serve", "--host", "0.0.0.0", "--port", "0", "-t", "2"],
-                            stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen([*CLI, "serve", "--host", "0.0.0.0", "--port", "0", "-t", "2"],
+                            cwd=ROOT, stderr=subprocess.PIPE, text=True, env=env)
     try:
         lines = []
         while not lines or "serving" not in lines[-1]:
@@ -227,7 +231,7 @@ def test_cli_serve_warns_off_loopback_and_reads_key_from_env(tmp_path):
         proc.stderr.close()
 
 
-def test_queue_limit_and_non_streaming_disconnect(smollm2):
+def test_queue_limit_and_non_streaming_disconnect(smollm2, counting):
     """With room for one request, a second gets 503 while the first runs; a client that
     hangs up while waiting for a non-streamed answer cancels it too."""
     with LocalServer(smollm2, MODEL_ID, max_queue=1) as srv:
@@ -248,7 +252,7 @@ def test_queue_limit_and_non_streaming_disconnect(smollm2):
             assert time.monotonic() < deadline, "the abandoned request ran on"
             time.sleep(0.05)
         assert smollm2.stats["generated_tokens"] < 400
-        still_serves(srv)
+        still_serves(srv, counting)
 
 
 def test_kept_conversation_caches_stay_within_their_memory_bound(smollm2):
