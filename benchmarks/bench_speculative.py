@@ -3,7 +3,7 @@ and without drafts, on a code edit (the answer repeats the prompt's code with a 
 fresh generation (a new function), greedy, in one process with the runs alternated.
 
     python benchmarks/bench_speculative.py [--model qwen2.5-coder-0.5b] [--rounds 2]
-                                           [--max-tokens 128] [--draft 8]
+                                           [--max-tokens 128] [--draft 8] [--ffn-share 0.5]
 
 Writes benchmarks/results/speculative_<model>.json. Tokens per pass and equal outputs are exact
 counts; tok/s needs a machine with nothing else running.
@@ -46,8 +46,10 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--draft", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ffn-share", type=float, default=None,
+                    help="FFN share in DRAM (the flash path; flash reads are reported)")
     a = ap.parse_args()
-    m = fl.load(a.model, threads=a.threads)
+    m = fl.load(a.model, threads=a.threads, ffn_share=a.ffn_share)
     runs = {}
     for r in range(a.rounds):
         for name, messages in workloads().items():
@@ -61,7 +63,9 @@ def main():
                 rec = {"tokens": tokens, "tokens_per_s": s["tokens_per_s"],
                        "ttft_s": s["ttft_s"], "prompt_tokens": len(ids),
                        "tokens_per_pass": s.get("spec_tokens_per_pass") or 1.0,
-                       "drafted": s.get("spec_drafted", 0), "accepted": s.get("spec_accepted", 0)}
+                       "drafted": s.get("spec_drafted", 0), "accepted": s.get("spec_accepted", 0),
+                       "flash_bytes_read": s.get("flash_bytes_read", 0),
+                       "flash_reads": s.get("flash_reads", 0)}
                 runs.setdefault((name, draft), []).append(rec)
                 print(f"round {r} {name} draft={draft}: {rec['tokens_per_s']:.2f} tok/s, "
                       f"{rec['tokens_per_pass']:.2f} tokens/pass", flush=True)
@@ -77,7 +81,9 @@ def main():
             "tokens_per_s_on": med(on, "tokens_per_s"),
             "speedup": med(on, "tokens_per_s") / med(off, "tokens_per_s"),
             "tokens_per_pass": on[0]["tokens_per_pass"], "drafted": on[0]["drafted"],
-            "accepted": on[0]["accepted"]}
+            "accepted": on[0]["accepted"],
+            "flash_bytes_per_token_off": off[0]["flash_bytes_read"] / len(off[0]["tokens"]),
+            "flash_bytes_per_token_on": on[0]["flash_bytes_read"] / len(on[0]["tokens"])}
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"speculative_{a.model}.json"
     out.write_text(json.dumps(report, indent=2))
