@@ -239,7 +239,7 @@ def cmd_run(args):
     result = json.loads(OUT.read_text()) if args.resume and OUT.exists() else {}
     result.update({"model": MODEL, "machine": platform.machine(), "cpu_threads": 2,
                    "python": platform.python_version(), "args": vars(args),
-                   "note": "shared 2-core machine (5 engineers): absolute times are inflated; "
+                   "note": "shared 2-core machine (other jobs running): times are inflated; "
                            "compare ratios within one run"})
     result.setdefault("accuracy", {})
     result.setdefault("speed", {})

@@ -4,6 +4,7 @@ fresh generation (a new function), greedy, in one process with the runs alternat
 
     python benchmarks/bench_speculative.py [--model qwen2.5-coder-0.5b] [--rounds 2]
                                            [--max-tokens 128] [--draft 8] [--ffn-share 0.5]
+                                           [--workloads edit edit_small fresh]
 
 Writes benchmarks/results/speculative_<model>.json. Tokens per pass and equal outputs are exact
 counts; tok/s needs a machine with nothing else running.
@@ -46,13 +47,16 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--draft", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--workloads", nargs="+", default=list(workloads()),
+                    choices=list(workloads()))
     ap.add_argument("--ffn-share", type=float, default=None,
                     help="FFN share in DRAM (the flash path; flash reads are reported)")
     a = ap.parse_args()
     m = fl.load(a.model, threads=a.threads, ffn_share=a.ffn_share)
     runs = {}
     for r in range(a.rounds):
-        for name, messages in workloads().items():
+        for name in a.workloads:
+            messages = workloads()[name]
             ids = m.apply_chat_template(messages)
             for draft in (0, a.draft):
                 m.reset()  # every run prefills the whole prompt
@@ -70,8 +74,9 @@ def main():
                 print(f"round {r} {name} draft={draft}: {rec['tokens_per_s']:.2f} tok/s, "
                       f"{rec['tokens_per_pass']:.2f} tokens/pass", flush=True)
     report = {"benchmark": "speculative", "model": a.model, "threads": a.threads,
+              "ffn_share": a.ffn_share,
               "rounds": a.rounds, "max_tokens": a.max_tokens, "draft": a.draft, "workloads": {}}
-    for name in workloads():
+    for name in a.workloads:
         off, on = runs[(name, 0)], runs[(name, a.draft)]
         med = lambda rs, k: statistics.median(x[k] for x in rs)  # noqa: E731
         report["workloads"][name] = {
@@ -85,7 +90,8 @@ def main():
             "flash_bytes_per_token_off": off[0]["flash_bytes_read"] / len(off[0]["tokens"]),
             "flash_bytes_per_token_on": on[0]["flash_bytes_read"] / len(on[0]["tokens"])}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"speculative_{a.model}.json"
+    suffix = "" if a.ffn_share is None else f"_share{a.ffn_share:g}"
+    out = RESULTS / f"speculative_{a.model}{suffix}.json"
     out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report["workloads"], indent=2))
 

@@ -169,7 +169,7 @@ class VocabOptions:
 
 DEFAULT_KEEP = 1024
 # token_filter="auto" applies from this many prompt tokens on (chosen from
-# benchmarks/results/gemfilter_gemma3-270m.json: see the README's GemFilter section).
+# benchmarks/results/gemfilter_gemma3-270m.json: see benchmarks/README.md, GemFilter on the CPU).
 DEFAULT_THRESHOLD = 4096
 
 

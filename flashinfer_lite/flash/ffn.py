@@ -281,7 +281,7 @@ class FlashFFN:
         # active neurons; a handful of rows of a short prompt). The model passes 1: on 2 cores
         # two chunks halved the kernel in a microbenchmark (1.4 -> 0.7 ms per call) but its
         # measured time in the decoding pipeline rose (SmolLM2, share 0.25, alternating A/B:
-        # 37-46 vs 43-58 ms per token, throwaway script on a quiet machine)
+        # 37-46 vs 43-58 ms per token on a quiet machine)
         chunks = self.compute_threads if counts.sum() >= 256 else 1
         if isinstance(pool, RawNeuronPool):
             return bundle_ffn(h, slots, coef, counts, pool, chunks)

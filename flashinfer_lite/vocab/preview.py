@@ -2,10 +2,11 @@
 
 The preview only has to rank tokens well enough that the true best ones are among its top
 candidates (their exact logits come from the real rows; vocab/head.py), so it can be far coarser
-than the model's own head: 2 bits per weight in groups of 64 with a float32 scale and a 2-bit
-integer zero point per group (2.53 bits per weight) keeps the true top-1 among the top 64
-candidates at every measured position (benchmarks/bench_vocab.py). A float minimum per group
-would be slightly more exact but costs 0.5 bit per weight more and an extra matmul.
+than the model's own head. The flash format writes 4 bits per weight in groups of 64 with a
+float32 scale and a 4-bit integer zero point per group (loaders/flash_format.PREVIEW_BITS):
+2-bit previews missed the true top-1 among 128 candidates at ~1% of positions on SmolLM2,
+4-bit kept it within 32 everywhere (benchmarks/bench_vocab.py). A float minimum per group would
+be slightly more exact but costs 0.5 bit per weight more and an extra matmul.
 
 Stored packed exactly as ONNX Runtime's MatMulNBits consumes it (loaders/packed_grid.py), so
 loading it copies nothing; the numpy path and the tests unpack it.
