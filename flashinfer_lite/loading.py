@@ -56,7 +56,7 @@ def make_backend(name: str, threads: int) -> Backend:
 
 
 class FlashFFNProvider:
-    """The FFN on flash as the net calls it: (layer, h (T, d), gate (T, ffn)) -> (T, d).
+    """The FFN on flash as the net calls it: (layer, h (T, d)) -> (T, d).
 
     Made before the net, which is built with it; `open(capacity)` sizes its neuron pools once
     the resident part has been measured (the planner needs that number, and the measurement
@@ -68,7 +68,8 @@ class FlashFFNProvider:
         self.backend, self.threads = backend, threads
         self.ffn: FlashFFN | None = None
 
-    def open(self, capacity: int) -> None:
+    def open(self, capacity: int, gate_rows: int | None = None) -> None:
+        """capacity: neurons per layer pool; gate_rows: gate rows per layer held (None: all)."""
         o = self.options
         # on MLX the neuron pool gets a twin on the device
         make = (partial(MlxFlashFFN, backend=self.backend) if self.backend.name == "mlx"
@@ -81,12 +82,13 @@ class FlashFFNProvider:
                             threads=max(4, self.threads * 2), direct=o.direct_io,
                             # 1: splitting a row's neurons over 2 threads halved the kernel
                             # alone but not the pipeline (flash/ffn.py)
-                            compute_threads=1, prefetch=o.prefetch)
+                            compute_threads=1, prefetch=o.prefetch,
+                            gate_rows=gate_rows, gate_threads=self.threads)
         except ValueError as exc:  # a skip fraction the conversion did not calibrate
             raise InvalidArgumentError(str(exc)) from None
 
-    def __call__(self, layer: int, h, gate):
-        return self.ffn(layer, h, gate)
+    def __call__(self, layer: int, h):
+        return self.ffn(layer, h)
 
     @property
     def nbytes(self) -> int:
@@ -270,8 +272,10 @@ def load_model(path, options: LoadOptions) -> LoadedModel:
     if ffn is not None:
         plan = pool_plan(budget, resident, net, manifest.layout, kv, fo, n_ctx,
                          rt.prefill_chunk)
-        ffn.open(max(1, round(fo.ffn_share * config.ffn_dim)) if plan is None
-                 else plan.capacity)
+        if plan is None:  # a fixed pool share: the gate is held whole
+            ffn.open(max(1, round(fo.ffn_share * config.ffn_dim)))
+        else:
+            ffn.open(plan.capacity, plan.gate_rows)
     release_freed_memory()  # the flash setup's temporaries (the mapped file is untouched)
     return LoadedModel(path, f, config, tokenizer, backend, threads, net, n_ctx, budget, ffn,
                        vocab, plan, resident, time.perf_counter() - t0)

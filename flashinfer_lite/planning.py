@@ -70,8 +70,11 @@ def pool_plan(budget: int | None, resident_bytes: int, net, layout, kv: KVOption
     kv_tokens = min(kv.reserve_tokens, n_ctx)
     kv_reserve = sum(c.bytes_at(kv_tokens, chunk) for c in make_layer_caches(net, kv.spec))
     ring = FlashFFN.LOOKAHEAD + 1 if flash.prefetch and flash.mode == "ours" else 0
-    return plan(budget, resident_bytes, kv_reserve, kv_tokens, layout.section * (1 + ring),
-                FlashFFN.bytes_per_neuron(layout), net.cfg.n_layers, net.cfg.ffn_dim)
+    # staging: the bundle reads (+ the lookahead ring) and the gate's ring of two layers
+    staging = layout.section * (1 + ring) + 2 * layout.gate_section
+    return plan(budget, resident_bytes, kv_reserve, kv_tokens, staging,
+                FlashFFN.bytes_per_neuron(layout), net.cfg.n_layers, net.cfg.ffn_dim,
+                layout.gate_bytes)
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,15 @@ from flashinfer_lite.errors import BudgetError, InvalidModelFileError
 from flashinfer_lite.evaluation import perplexity
 from flashinfer_lite.flash.calibration import RecordingFFN
 from flashinfer_lite.flash.convert import convert
+from flashinfer_lite.flash.ffn import FlashFFN
+from flashinfer_lite.flash.planner import WORKING_BYTES, plan
+from flashinfer_lite.kernels.bundle_ffn import dequantize_raw, raw_matvec
 from flashinfer_lite.kernels.sparse_ffn import sparse_ffn
 from flashinfer_lite.loaders.direct_io import ALIGN, FlashReader, coalesce
 from flashinfer_lite.loaders.flash_format import DOWN_TYPE, open_flash_dir
 from flashinfer_lite.loaders.gguf_file import GGUFFile
 from flashinfer_lite.loaders.quant_grid import decode_grid
+from flashinfer_lite.registry import resolve_model
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +49,10 @@ def test_bundles_round_trip(manifest, smollm2_path):
         raw = read_bundles(manifest, layer, np.arange(lay.ffn_dim))
         up = np.asarray(f.tensor(f"blk.{layer}.ffn_up.weight").raw)
         np.testing.assert_array_equal(raw[:, : lay.up_bytes], up[order])
+        gate = np.fromfile(manifest.gate_path, np.uint8, count=lay.ffn_dim * lay.gate_bytes,
+                           offset=manifest.gate_offset(layer)).reshape(lay.ffn_dim, -1)
+        np.testing.assert_array_equal(
+            gate, np.asarray(f.tensor(f"blk.{layer}.ffn_gate.weight").raw)[order])
         down = f.dense(f"blk.{layer}.ffn_down.weight")  # (d, ffn)
         cols = dequantize(raw[:, lay.up_bytes : lay.up_bytes + lay.down_bytes], DOWN_TYPE)
         ref = down.T[order]
@@ -132,6 +140,70 @@ def test_sparse_kernel_matches_dense(manifest):
         n = counts[t]
         ref = (coef[t, :n] * (up[:n] @ x[t])) @ down[:n]
         np.testing.assert_allclose(got[t], ref, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("source", ["smollm2", "qwen-0.5b"])
+def test_raw_row_kernels_match_gguf_dequantizer(source, smollm2_path):
+    """The kernels that multiply and decode GGUF rows as they are, on rows of the real models
+    (Q4_1; Q5_0, Q8_0, Q4_K), against gguf's dequantizer: decoding bit-exact, products to
+    float32 rounding."""
+    if source == "smollm2":
+        f, names = GGUFFile(smollm2_path), ["blk.0.ffn_gate.weight"]
+    else:
+        f = GGUFFile(resolve_model("qwen2.5-coder-0.5b"))
+        names = ["blk.0.ffn_gate.weight", "blk.0.attn_v.weight", "blk.11.ffn_down.weight"]
+    seen = set()
+    for name in names:
+        t = f.tensor(name)
+        raw = np.ascontiguousarray(np.asarray(t.raw)[:300])
+        ref = dequantize(raw, t.qtype).reshape(len(raw), -1).astype(np.float32)
+        k = ref.shape[1]
+        np.testing.assert_array_equal(dequantize_raw(raw, t.qtype, k), ref)
+        x = np.random.default_rng(0).standard_normal((3, k)).astype(np.float32)
+        for chunks in (1, 2):
+            out = np.full((3, len(raw)), np.nan, np.float32)
+            raw_matvec(x, raw, t.qtype, out, chunks)
+            np.testing.assert_allclose(out, x @ ref.T, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+        seen.add(t.qtype.name)
+    assert seen == ({"Q4_1"} if source == "smollm2" else {"Q5_0", "Q8_0", "Q4_K"})
+
+
+def test_gate_rows_held_or_read_give_the_same_output(manifest):
+    """The gate held whole, held in part, or read whole each call (flash/gate.py): the same
+    FFN output, and exactly the rows not held come from flash, one layer ahead."""
+    lay = manifest.layout
+    h = np.random.default_rng(1).standard_normal((1, lay.d_model)).astype(np.float32)
+    outs, read = {}, {}
+    for held in (lay.ffn_dim, 1000, 0):
+        ffn = FlashFFN(manifest, "silu", capacity=lay.ffn_dim, gate_rows=held, direct=False)
+        outs[held] = [ffn(layer, h) for layer in range(manifest.data["n_layers"])]
+        read[held] = ffn.report()["gate_bytes_read"]
+        ffn.close()
+    for held in (1000, 0):
+        for a, b in zip(outs[lay.ffn_dim], outs[held], strict=True):
+            np.testing.assert_array_equal(a, b)
+    n_layers = manifest.data["n_layers"]
+    assert read[lay.ffn_dim] == 0
+    # all layers, plus layer 0 again: the last layer queues the next token's first
+    per_layer = lay.gate_section - (1000 * lay.gate_bytes) // ALIGN * ALIGN
+    assert read[1000] == (n_layers + 1) * per_layer
+    assert read[0] == (n_layers + 1) * lay.gate_section
+
+
+def test_planner_gives_the_gate_memory_before_the_pools():
+    """Past the minimum pools, the budget holds gate rows first, then grows the pools."""
+    mb = 1 << 20
+    args = dict(resident_bytes=100 * mb, kv_reserve_bytes=10 * mb, kv_tokens=1024,
+                staging_bytes=0, pool_bytes_per_neuron=1000, n_layers=10, ffn_dim=1000,
+                gate_row_bytes=500)
+    base = 100 * mb + 10 * mb + WORKING_BYTES + 50 * 1000 * 10  # the minimum: 5% pools
+    assert plan(base, **args).gate_rows == 0 and plan(base, **args).capacity == 50
+    half = plan(base + 500 * 10 * 400, **args)
+    assert half.gate_rows == 400 and half.capacity == 50
+    full = plan(base + 500 * 10 * 1000 + 1000 * 10 * 100, **args)
+    assert full.gate_rows == 1000 and full.capacity == 150
+    with pytest.raises(BudgetError, match="minimum is"):
+        plan(base - 1, **args)
 
 
 def test_coalesce_aligns_and_merges():

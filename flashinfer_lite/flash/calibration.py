@@ -3,7 +3,7 @@
 The model runs dense on calibration text with a recording FFN (float32, from `gguf`'s
 dequantizers). Per layer and neuron i, with a = act(gate_i . h), u = up_i . h:
   contribution c_i = |a * u| * ||down column i||      (what skipping i costs, to first order)
-  weight w_i       = mean |u_i| * ||down column i||    (turns the resident gate's |a| into a
+  weight w_i       = mean |u_i| * ||down column i||    (turns the exact gate's |a| into a
                                                         predicted contribution without reading i)
   hotness          = how often i is in a token's top half by c (neurons are stored hot-first)
 and the skip thresholds on the predicted score s_i = |a_i| * w_i at several skip fractions.
@@ -46,7 +46,7 @@ class RecordingFFN:
         self.contrib: list[list[np.ndarray]] = [[] for _ in range(n)]
         self.tokens = 0
 
-    def __call__(self, layer: int, h: np.ndarray, gate=None) -> np.ndarray:
+    def __call__(self, layer: int, h: np.ndarray) -> np.ndarray:
         p = f"blk.{layer}."
         wg, wu = self.f.dense(p + "ffn_gate.weight"), self.f.dense(p + "ffn_up.weight")
         wd = self.f.dense(p + "ffn_down.weight")  # (d, ffn)

@@ -152,7 +152,8 @@ def convert(gguf_path: Path, out: Path, calibrate, progress=None, force: bool = 
     f = GGUFFile(gguf_path)
     cfg = ModelConfig.from_gguf(f)
     up_type = f.tensor("blk.0.ffn_up.weight").qtype
-    layout = BundleLayout.for_model(cfg.d_model, cfg.ffn_dim, up_type)
+    gate_type = f.tensor("blk.0.ffn_gate.weight").qtype
+    layout = BundleLayout.for_model(cfg.d_model, cfg.ffn_dim, up_type, gate_type)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -161,7 +162,7 @@ def convert(gguf_path: Path, out: Path, calibrate, progress=None, force: bool = 
         say = progress or (lambda *a: None)
         say(0, total, "calibrating neuron activity")
         cal = calibrate(f)
-        # resident.gguf: every tensor but the FFN up/down, all metadata
+        # resident.gguf: every tensor but the FFN's, all metadata
         w = GGUFWriter(str(tmp / "resident.gguf"), f.architecture)
         _copy_metadata(f, w)
         for name, t in f.tensors.items():
@@ -177,16 +178,22 @@ def convert(gguf_path: Path, out: Path, calibrate, progress=None, force: bool = 
         w.close()
         say(1, total, "wrote resident part")
         layers = []
-        with open(tmp / "ffn.bin", "wb") as fh:
+        with open(tmp / "ffn.bin", "wb") as fh, open(tmp / "gate.bin", "wb") as gh:
             for i in range(cfg.n_layers):
                 up = f.tensor(f"blk.{i}.ffn_up.weight")
-                if up.qtype != up_type:
-                    raise InvalidModelFileError(
-                        f"ffn_up of layer {i} is {up.qtype.name}, layer 0's is {up_type.name}; "
-                        "mixed FFN types are not supported by the flash format yet")
+                gate = f.tensor(f"blk.{i}.ffn_gate.weight")
+                for t, want in ((up, up_type), (gate, gate_type)):
+                    if t.qtype != want:
+                        raise InvalidModelFileError(
+                            f"{t.name} is {t.qtype.name}, layer 0's is {want.name}; mixed FFN "
+                            "types are not supported by the flash format yet")
                 order = np.asarray(cal["order"][i], np.int64)
                 section = encode_bundles(np.asarray(up.raw), f.dense(f"blk.{i}.ffn_down.weight"),
                                          order, layout)
+                gate_rows = np.zeros(layout.gate_section, np.uint8)
+                gate_rows[: layout.ffn_dim * layout.gate_bytes] = \
+                    np.asarray(gate.raw).reshape(layout.ffn_dim, -1)[order].reshape(-1)
+                gh.write(gate_rows.tobytes())
                 layers.append({
                     "offset": i * layout.section,
                     "sha256": hashlib.sha256(section).hexdigest(),
@@ -205,7 +212,7 @@ def convert(gguf_path: Path, out: Path, calibrate, progress=None, force: bool = 
             "calibration": cal.get("info", {}),
             "vocab": vocab,
             "files": {n: {"size": (tmp / n).stat().st_size, "sha256": sha256_file(tmp / n)}
-                      for n in ("resident.gguf", "ffn.bin", *VOCAB_FILES)},
+                      for n in ("resident.gguf", "ffn.bin", "gate.bin", *VOCAB_FILES)},
             "layers": layers,
         }
         manifest["checksum"] = manifest_checksum(manifest)

@@ -1,6 +1,7 @@
 """The flash-resident FFN: pick the neurons a token needs, fetch the missing bundles, compute.
 
-Per layer and call, with the resident gate's pre-activations g (T, ffn):
+Per layer and call, with the gate's pre-activations g (T, ffn), exact, from its rows on flash or
+held in DRAM (flash/gate.py):
   a = act(g); predicted contribution s = |a| * w   (w from calibration; see calibration.py)
   a neuron already in the pool is computed when s >= the threshold of `skip_fraction`; a cold
   one (not in DRAM) only when s >= the higher threshold of `cold_skip_fraction`: reading costs
@@ -29,6 +30,7 @@ from ..kernels.sparse_ffn import sparse_ffn
 from ..loaders.direct_io import FlashReader, coalesce
 from ..loaders.flash_format import FlashManifest
 from ..options import FFN_MODES as MODES
+from .gate import FlashGate
 from .lookahead import Lookahead
 
 
@@ -39,7 +41,10 @@ class FlashFFN:
                  skip_fraction: float = 0.3, window: int = 5, mode: str = "ours",
                  cold_skip_fraction: float | None = None, coalesce_gap: int = 4096,
                  threads: int = 8, direct: bool = True, prefetch: bool = False,
-                 lookahead: int | None = None, compute_threads: int = 1):
+                 lookahead: int | None = None, compute_threads: int = 1,
+                 gate_rows: int | None = None, gate_threads: int = 1):
+        """capacity: neurons per layer pool; gate_rows: gate rows per layer held in DRAM
+        (None: all; "naive" holds none)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
         lay = manifest.layout
@@ -48,10 +53,12 @@ class FlashFFN:
         self.window, self.gap = window, coalesce_gap
         self.compute_threads = max(1, compute_threads)
         n_layers = manifest.data["n_layers"]
-        self.order = [np.asarray(manifest.layer(i)["order"], np.int64) for i in range(n_layers)]
         # w in bundle order: bundle j holds neuron order[j]
-        self.weight = [np.asarray(manifest.layer(i)["weight"], np.float32)[self.order[i]]
-                       for i in range(n_layers)]
+        self.weight = [np.asarray(manifest.layer(i)["weight"], np.float32)[
+            np.asarray(manifest.layer(i)["order"], np.int64)] for i in range(n_layers)]
+        held = 0 if mode == "naive" else lay.ffn_dim if gate_rows is None else gate_rows
+        self.gate = FlashGate(manifest, held, threads=threads, direct=direct,
+                              compute_threads=gate_threads)
         cold = skip_fraction if cold_skip_fraction is None else cold_skip_fraction
         self.threshold = self._thresholds(manifest, skip_fraction)
         self.cold_threshold = self._thresholds(manifest, max(cold, skip_fraction))
@@ -117,12 +124,13 @@ class FlashFFN:
             self.stats[k] = 0 if isinstance(self.stats[k], int) else 0.0
         if la is not None:
             la.wait_s, la.bundles_read, la.bundles_used = 0.0, 0, 0
+        self.gate.reset_counters()
 
     @property
     def nbytes(self) -> int:
         pools = self.pools if self.pools is not None else [self.scratch]
         la = self.lookahead.nbytes if self.lookahead is not None else 0
-        return sum(p.nbytes for p in pools) + self.reader.nbytes + la
+        return sum(p.nbytes for p in pools) + self.reader.nbytes + la + self.gate.nbytes
 
     # ---- per call ----------------------------------------------------------------------------
     def _fetch(self, layer: int, neurons: np.ndarray) -> np.ndarray:
@@ -197,12 +205,12 @@ class FlashFFN:
         self.lookahead.bundles_used += int(have.sum())
         return out
 
-    def __call__(self, layer: int, h: np.ndarray, gate: np.ndarray) -> np.ndarray:
-        """h (T, d) FFN input, gate (T, ffn) resident gate pre-activations -> (T, d)."""
+    def __call__(self, layer: int, h: np.ndarray) -> np.ndarray:
+        """h (T, d) FFN input -> (T, d)."""
         io0 = self.reader.seconds
         if layer == 0:
             self.step += h.shape[0]
-        a = self.act(gate[:, self.order[layer]])  # (T, ffn) in bundle order
+        a = self.act(self.gate.preact(layer, h))  # (T, ffn) in bundle order
         score = np.abs(a) * self.weight[layer]
         th, th_cold = self.threshold[layer], self.cold_threshold[layer]
         pool = self.pools[layer] if self.pools is not None else None
@@ -311,9 +319,14 @@ class FlashFFN:
         s = self.stats
         la = self.lookahead
         pre = la.reader if la is not None else None
+        gate = self.gate.report()
         return {
-            "flash_bytes_read": self.reader.bytes_read + (pre.bytes_read if pre else 0),
-            "flash_reads": self.reader.read_calls + (pre.read_calls if pre else 0),
+            # every byte from flash: bundles, their lookahead, the gate rows not held
+            "flash_bytes_read": self.reader.bytes_read + (pre.bytes_read if pre else 0)
+            + gate["gate_bytes_read"],
+            "flash_reads": self.reader.read_calls + (pre.read_calls if pre else 0)
+            + gate["gate_reads"],
+            **gate,
             "prefetch_bytes_read": pre.bytes_read if pre else 0,
             "prefetch_hit_rate": (la.bundles_used / la.bundles_read
                                   if la is not None and la.bundles_read else None),
@@ -324,9 +337,9 @@ class FlashFFN:
                                       if self.pools is not None and s["neurons_needed"] else None),
             "ffn_active_fraction": (s["neurons_computed"] / s["neuron_slots"]
                                     if s["neuron_slots"] else None),
-            "io_s": s["io_s"] + (la.wait_s if la is not None else 0.0),
+            "io_s": s["io_s"] + (la.wait_s if la is not None else 0.0) + gate["gate_wait_s"],
             "memory_management_s": s["mm_s"],
-            "compute_s": s["compute_s"],
+            "compute_s": s["compute_s"] + gate["gate_compute_s"],
             "pool_bytes": self.nbytes, "ffn_mode": self.mode,
             "skip_fraction": self.skip_fraction, "cold_skip_fraction": self.cold_skip_fraction,
         }
@@ -334,4 +347,5 @@ class FlashFFN:
     def close(self) -> None:
         if self.lookahead is not None:
             self.lookahead.close()
+        self.gate.close()
         self.reader.close()

@@ -11,11 +11,11 @@ GPU that costs less than gathering the active rows.
 
 "naive" re-reads the layer's whole FFN section every call and copies all of it to the device.
 
-The host needs each layer's gate pre-activations to choose neurons, so every layer waits for the
-GPU once (`device_wait_s`: attention and the previous FFN finishing) before its reads start; the
-reads of one layer do not overlap the GPU work of the previous one. On Apple silicon memory is
-unified: the "copy" to the device is a copy within the same DRAM (MLX arrays live in shared
-memory), so the twin pool could be dropped in favour of the host pool itself.
+The host computes each layer's gate (flash/gate.py) to choose neurons, so every layer waits
+for the GPU once (`device_wait_s`: attention and the previous FFN finishing) before its reads
+start; the bundle reads of one layer do not overlap the GPU work of the previous one. On Apple
+silicon memory is unified: the "copy" to the device is a copy within the same DRAM (MLX arrays
+live in shared memory), so the twin pool could be dropped in favour of the host pool itself.
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ from gguf import GGMLQuantizationType as Q
 
 from ..cache.neuron_pool import RawNeuronPool
 from ..errors import UnsupportedModelError
-from ..kernels.bundle_ffn import RAW_UP_TYPES
 from ..loaders.quant_grid import BLOCK32, block32_fields
 from .ffn import FlashFFN
+
+DEVICE_UP_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q8_0)  # what decode_rows decodes (32-blocks)
 
 
 def decode_rows(mx, raw, qtype: Q, k: int):
@@ -61,10 +62,10 @@ class MlxFlashFFN(FlashFFN):
         self._ffn = self.mx.compile(self._ffn_fn)
         self._twins: dict[int, _DevicePool] = {}
         super().__init__(manifest, activation, capacity, **kw)
-        if self.layout.up_type not in RAW_UP_TYPES:
+        if self.layout.up_type not in DEVICE_UP_TYPES:
             raise UnsupportedModelError(
-                f"the GPU flash FFN decodes {', '.join(t.name for t in RAW_UP_TYPES)} up rows; "
-                f"this model's are {self.layout.up_type.name}")
+                f"the GPU flash FFN decodes {', '.join(t.name for t in DEVICE_UP_TYPES)} up "
+                f"rows; this model's are {self.layout.up_type.name}")
         for k in ("h2d_bytes", "h2d_s", "device_wait_s"):
             self.stats[k] = 0 if k == "h2d_bytes" else 0.0
 
@@ -116,11 +117,11 @@ class MlxFlashFFN(FlashFFN):
             if k in self.stats:
                 self.stats[k] = 0 if k == "h2d_bytes" else 0.0
 
-    def __call__(self, layer, h, gate):
+    def __call__(self, layer, h):
         t0 = time.perf_counter()
-        gate = np.asarray(gate, np.float32)  # waits for the GPU: the host picks the neurons
+        h = np.asarray(h, np.float32)  # waits for the GPU: the host computes the gate
         self.stats["device_wait_s"] += time.perf_counter() - t0
-        return super().__call__(layer, h, gate)
+        return super().__call__(layer, h)
 
     def _compute(self, h, a, active, pool):
         if not isinstance(pool, RawNeuronPool):

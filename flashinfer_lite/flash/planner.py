@@ -1,11 +1,12 @@
 """One memory budget, split among resident weights, the KV cache reserve, the read staging
-buffer and the per-layer neuron pools.
+buffers, the gate rows held in DRAM and the per-layer neuron pools.
 
-The resident part (attention, head or preview head, gate predictor, norms, tokenizer) is built
-first and measured in RSS (`Model.resident_rss_bytes`: ONNX Runtime holds about twice the
-weight bytes it is given); what is left after the KV reserve and staging goes
-to the pools, evenly per layer. A budget whose pools would hold fewer than MIN_POOL_SHARE of a
-layer's neurons is refused with the minimum stated.
+The resident part (attention, head or preview head, norms, tokenizer) is built first and
+measured in RSS (`Model.resident_rss_bytes`); what is left after the KV reserve and staging
+goes, evenly per layer, first to the minimum pools (MIN_POOL_SHARE of a layer's neurons, so the
+window of recent neurons has room), then to the gate's rows (hot-first: a held gate row saves
+its bytes on every token; flash/gate.py), then to the pools. A budget without room for the
+minimum pools is refused with the minimum stated.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class Plan:
     n_layers: int
     ffn_dim: int
     capacity: int  # neurons per layer pool
+    gate_rows: int  # gate rows per layer held in DRAM
 
     @property
     def ffn_share(self) -> float:
@@ -40,18 +42,20 @@ class Plan:
     def as_dict(self) -> dict:
         return {"budget": self.budget, "resident_bytes": self.resident_bytes,
                 "kv_reserve_bytes": self.kv_reserve_bytes, "staging_bytes": self.staging_bytes,
-                "pool_capacity": self.capacity, "ffn_share": self.ffn_share}
+                "pool_capacity": self.capacity, "ffn_share": self.ffn_share,
+                "gate_rows_held": self.gate_rows, "gate_share": self.gate_rows / self.ffn_dim}
 
 
 def plan(budget: int, resident_bytes: int, kv_reserve_bytes: int, kv_tokens: int,
-         staging_bytes: int, pool_bytes_per_neuron: int, n_layers: int, ffn_dim: int) -> Plan:
+         staging_bytes: int, pool_bytes_per_neuron: int, n_layers: int, ffn_dim: int,
+         gate_row_bytes: int) -> Plan:
     """kv_reserve_bytes: what the KV cache holds after kv_tokens positions."""
     kv = kv_reserve_bytes
     staging_bytes += WORKING_BYTES
     left = budget - resident_bytes - kv - staging_bytes
-    capacity = min(ffn_dim, max(0, left // (pool_bytes_per_neuron * n_layers)))
     minimum = int(MIN_POOL_SHARE * ffn_dim)
-    if capacity < minimum:
+    per_neuron = pool_bytes_per_neuron * n_layers
+    if left < minimum * per_neuron:
         need = (resident_bytes + kv + staging_bytes
                 + minimum * pool_bytes_per_neuron * n_layers)
         raise BudgetError(
@@ -60,5 +64,9 @@ def plan(budget: int, resident_bytes: int, kv_reserve_bytes: int, kv_tokens: int
             f"RSS, KV cache "
             f"for {kv_tokens} tokens {format_bytes(kv)}, read buffers and working memory "
             f"{format_bytes(staging_bytes)}, {MIN_POOL_SHARE:.0%} of the FFN neurons)")
+    left -= minimum * per_neuron
+    gate_rows = min(ffn_dim, left // (gate_row_bytes * n_layers))
+    left -= gate_rows * gate_row_bytes * n_layers
+    capacity = minimum + min(ffn_dim - minimum, left // per_neuron)
     return Plan(budget, resident_bytes, kv, staging_bytes, pool_bytes_per_neuron, n_layers,
-                ffn_dim, int(capacity))
+                ffn_dim, int(capacity), int(gate_rows))

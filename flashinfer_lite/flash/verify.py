@@ -13,8 +13,9 @@ from ..loaders.gguf_file import GGUFFile
 
 
 def verify_flash_dir(path: Path, source: Path | None = None) -> str:
-    """Check every checksum; with the source GGUF, check every layer's up rows bit-exactly and
-    its down columns to Q8_0's error. Raises InvalidModelFileError on any mismatch."""
+    """Check every checksum; with the source GGUF, check every layer's gate and up rows
+    bit-exactly, its down columns to Q8_0's error. Raises InvalidModelFileError on any
+    mismatch."""
     man = open_flash_dir(path, verify_data=True)
     if source is None:
         return "checksums ok"
@@ -28,6 +29,11 @@ def verify_flash_dir(path: Path, source: Path | None = None) -> str:
         up = np.asarray(f.tensor(f"blk.{i}.ffn_up.weight").raw)[order]
         if not np.array_equal(raw[:, : lay.up_bytes], up):
             raise InvalidModelFileError(f"{path}: layer {i} up rows differ from {source}")
+        gate = np.fromfile(man.gate_path, np.uint8, count=lay.ffn_dim * lay.gate_bytes,
+                           offset=man.gate_offset(i)).reshape(lay.ffn_dim, lay.gate_bytes)
+        if not np.array_equal(gate, np.asarray(
+                f.tensor(f"blk.{i}.ffn_gate.weight").raw).reshape(lay.ffn_dim, -1)[order]):
+            raise InvalidModelFileError(f"{path}: layer {i} gate rows differ from {source}")
         cols = dequantize(raw[:, lay.up_bytes : lay.up_bytes + lay.down_bytes], DOWN_TYPE)
         ref = f.dense(f"blk.{i}.ffn_down.weight").T[order]
         rel = float(np.abs(cols - ref).max() / (np.abs(ref).max() + 1e-12))
@@ -40,5 +46,5 @@ def verify_flash_dir(path: Path, source: Path | None = None) -> str:
     if not np.array_equal(rows, np.asarray(f.tensor(v["tensor"]).raw).reshape(
             v["rows"], v["row_bytes"])[order]):
         raise InvalidModelFileError(f"{path}: vocabulary rows differ from {source}")
-    return (f"checksums ok; up rows bit-exact; down columns within {worst:.3%} of the GGUF; "
-            "vocabulary rows bit-exact")
+    return (f"checksums ok; gate and up rows bit-exact; down columns within {worst:.3%} of "
+            "the GGUF; vocabulary rows bit-exact")

@@ -2,11 +2,13 @@
 (GGUF up-row blocks + a Q8_0 down column), so bringing a neuron into DRAM is one memcpy and the
 kernel decodes blocks as it multiplies (numba, compiled once and cached on disk).
 
-Supported up-row types: Q4_0, Q4_1, Q5_0, Q8_0 (what llama.cpp uses for FFN rows whose width
-is not a multiple of 256, as in both bundled models); others use the decoded pool
-(kernels/sparse_ffn.py). Where each block keeps its fields comes from the one table of GGUF
-block layouts (loaders/quant_grid.BLOCK32), passed to the kernel as arguments: what numba
-compiles into its on-disk cache depends on this file alone (kernels/kv_codes.py says why).
+Supported row types: Q4_0, Q4_1, Q5_0, Q8_0 (what llama.cpp uses for FFN rows whose width is
+not a multiple of 256) and Q4_K (the Qwen2.5 1.5B's gate and up rows); others use the decoded
+pool (kernels/sparse_ffn.py). The same decoding serves the exact gate, whose rows also stay in
+their GGUF blocks (`raw_matvec`, `decode_raw`). Where each 32-block keeps its fields comes from
+the one table of GGUF block layouts (loaders/quant_grid.BLOCK32), passed to the kernel as
+arguments: what numba compiles into its on-disk cache depends on this file alone
+(kernels/kv_codes.py says why).
 """
 
 from __future__ import annotations
@@ -20,13 +22,18 @@ from gguf import GGMLQuantizationType as Q
 from ..loaders.quant_grid import BLOCK32
 from .float16 import half_table
 
-RAW_UP_TYPES = {Q.Q4_0: 0, Q.Q4_1: 1, Q.Q5_0: 2, Q.Q8_0: 3}
+RAW_UP_TYPES = {Q.Q4_0: 0, Q.Q4_1: 1, Q.Q5_0: 2, Q.Q8_0: 3, Q.Q4_K: 4}
 DOWN_BLOCK = BLOCK32[Q.Q8_0]  # the bundles' down columns
+# Q4_K super-block (ggml's block_q4_K): d, dmin (float16), 12 bytes of packed 6-bit sub-block
+# scales and minimums, 128 bytes of 4-bit codes; 256 weights in 8 sub-blocks of 32
+Q4K_BYTES, Q4K_SCALES, Q4K_CODES = 144, 4, 16
 
 
 def up_layout(qtype: Q) -> tuple[int, int, int, int]:
-    """(kind, block bytes, offset of the codes, offset of the minimum or the 5th bits) of an
-    up-row type, as the kernel takes them."""
+    """(kind, block bytes, offset of the codes, offset of the minimum or the 5th bits) of a
+    row type, as the kernel takes them."""
+    if qtype == Q.Q4_K:
+        return RAW_UP_TYPES[qtype], Q4K_BYTES, Q4K_CODES, Q4K_SCALES
     lay = BLOCK32[qtype]
     extra = lay.minimum if lay.minimum is not None else (lay.high or 0)
     return RAW_UP_TYPES[qtype], lay.nbytes, lay.codes, extra
@@ -41,9 +48,50 @@ def half(raw, s, o, table):
 
 
 @numba.njit(fastmath=True, cache=True, nogil=True, inline="always")
-def raw_up_dot(raw, s, kind, up_blocks, size, codes, extra, x, x_sum, t, table):
+def q4k_scales(r, o, sc, mn):
+    """The 8 sub-blocks' 6-bit scales and minimums packed in r[o:o + 12] -> sc, mn (ggml's
+    get_scale_min_k4, all at once: per sub-block with a branch it cost twice the dot product)."""
+    for j in range(4):
+        sc[j] = np.float32(r[o + j] & 63)
+        mn[j] = np.float32(r[o + j + 4] & 63)
+        sc[j + 4] = np.float32((r[o + j + 8] & 15) | ((r[o + j] >> 6) << 4))
+        mn[j + 4] = np.float32((r[o + j + 8] >> 4) | ((r[o + j + 4] >> 6) << 4))
+
+
+@numba.njit(fastmath=True, cache=True, nogil=True, inline="always")
+def q4k_dot(r, n_super, x, x_sum, table, sc, mn):
+    """A row's Q4_K super-blocks r (bytes) . x (K,), x_sum (K/32,) its 32-block sums;
+    w = d * sc * q - dmin * m. Row and x as 1-D views: the 32-wide loops vectorize.
+    sc, mn: (8,) float32 scratch."""
+    u = np.float32(0.0)
+    for b in range(n_super):
+        o = b * Q4K_BYTES
+        d = table[np.int64(r[o]) | (np.int64(r[o + 1]) << 8)]
+        dmin = table[np.int64(r[o + 2]) | (np.int64(r[o + 3]) << 8)]
+        q4k_scales(r, o + Q4K_SCALES, sc, mn)
+        acc = np.float32(0.0)
+        macc = np.float32(0.0)
+        for c in range(4):  # 64 weights: low nibbles are sub-block 2c, high ones 2c + 1
+            lo = np.float32(0.0)
+            hi = np.float32(0.0)
+            xb = b * 256 + c * 64
+            q0 = o + Q4K_CODES + c * 32
+            for i in range(32):
+                q = r[q0 + i]
+                lo += np.float32(q & 15) * x[xb + i]
+                hi += np.float32(q >> 4) * x[xb + 32 + i]
+            acc += sc[2 * c] * lo + sc[2 * c + 1] * hi
+            macc += mn[2 * c] * x_sum[b * 8 + 2 * c] + mn[2 * c + 1] * x_sum[b * 8 + 2 * c + 1]
+        u += d * acc - dmin * macc
+    return u
+
+
+@numba.njit(fastmath=True, cache=True, nogil=True, inline="always")
+def raw_up_dot(raw, s, kind, up_blocks, size, codes, extra, x, x_sum, t, table, sc, mn):
     """Bundle s's up row . x[t], its GGUF blocks (`size` bytes each, codes at byte `codes`, the
-    minimum or the 5th bits at `extra`) decoded as they are read."""
+    minimum or the 5th bits at `extra`) decoded as they are read (sc, mn: Q4_K's scratch)."""
+    if kind == 4:
+        return q4k_dot(raw[s], up_blocks // 8, x[t], x_sum[t], table, sc, mn)
     u = np.float32(0.0)
     for b in range(up_blocks):
         xb = b * 32
@@ -98,13 +146,81 @@ def ffn_raw(x, x_sum, slots, coef, counts, raw, kind, size, codes, extra, up_blo
     down column as add_raw_down_column does); out (chunks, T, D): this call sums chunk c's
     share of each row's slots into out[c] (one chunk per thread)."""
     chunks = out.shape[0]
+    sc, mn = np.empty(8, np.float32), np.empty(8, np.float32)
     for t in range(x.shape[0]):
         y = out[c, t]
         for j in range(counts[t] * c // chunks, counts[t] * (c + 1) // chunks):
             s = slots[t, j]
-            u = raw_up_dot(raw, s, kind, up_blocks, size, codes, extra, x, x_sum, t, table)
+            u = raw_up_dot(raw, s, kind, up_blocks, size, codes, extra, x, x_sum, t, table,
+                           sc, mn)
             add_raw_down_column(y, coef[t, j] * u, raw, s, down_off, d_blocks, d_size,
                                 d_codes, table)
+
+
+@numba.njit(fastmath=True, cache=True, nogil=True)
+def matvec_raw(x, x_sum, raw, kind, size, codes, extra, blocks, table, out, lo, hi):
+    """out[t, r] = row r of raw (GGUF blocks) . x[t], for rows lo..hi-1 (one chunk per
+    thread)."""
+    sc, mn = np.empty(8, np.float32), np.empty(8, np.float32)
+    if kind == 4:  # its own loop: inside raw_up_dot's branches it ran at half the speed
+        for r in range(lo, hi):
+            row = raw[r]
+            for t in range(x.shape[0]):
+                out[t, r] = q4k_dot(row, blocks // 8, x[t], x_sum[t], table, sc, mn)
+        return
+    for r in range(lo, hi):
+        for t in range(x.shape[0]):
+            out[t, r] = raw_up_dot(raw, r, kind, blocks, size, codes, extra, x, x_sum, t, table,
+                                   sc, mn)
+
+
+@numba.njit(fastmath=True, cache=True, nogil=True)
+def decode_raw(raw, kind, size, codes, extra, blocks, table, out):
+    """raw (n, row bytes) GGUF rows -> out (n, blocks * 32) float32."""
+    sc, mn = np.empty(8, np.float32), np.empty(8, np.float32)
+    for s in range(raw.shape[0]):
+        if kind == 4:
+            r, y = raw[s], out[s]
+            for b in range(blocks // 8):
+                o = b * Q4K_BYTES
+                d = half(raw, s, o, table)
+                dmin = half(raw, s, o + 2, table)
+                q4k_scales(r, o + Q4K_SCALES, sc, mn)
+                for c in range(4):
+                    q0, y0 = o + Q4K_CODES + c * 32, b * 256 + c * 64
+                    a0, m0 = d * sc[2 * c], dmin * mn[2 * c]
+                    a1, m1 = d * sc[2 * c + 1], dmin * mn[2 * c + 1]
+                    for i in range(32):
+                        y[y0 + i] = a0 * np.float32(r[q0 + i] & 15) - m0
+                        y[y0 + 32 + i] = a1 * np.float32(r[q0 + i] >> 4) - m1
+            continue
+        for b in range(blocks):
+            o = b * size
+            d = half(raw, s, o, table)
+            xb = b * 32
+            if kind == 3:
+                for i in range(32):
+                    out[s, xb + i] = d * np.float32(np.int8(raw[s, o + codes + i]))
+                continue
+            if kind == 2:
+                h = o + extra
+                qh = np.int64(raw[s, h]) | (np.int64(raw[s, h + 1]) << 8) | \
+                    (np.int64(raw[s, h + 2]) << 16) | (np.int64(raw[s, h + 3]) << 24)
+            for i in range(16):
+                q = np.int64(raw[s, o + codes + i])
+                lo, hi = q & 15, q >> 4
+                if kind == 2:
+                    lo = lo | (((qh >> i) & 1) << 4)
+                    hi = hi | (((qh >> (i + 16)) & 1) << 4)
+                    out[s, xb + i] = d * np.float32(lo - 16)
+                    out[s, xb + 16 + i] = d * np.float32(hi - 16)
+                elif kind == 1:
+                    m = half(raw, s, o + extra, table)
+                    out[s, xb + i] = d * np.float32(lo) + m
+                    out[s, xb + 16 + i] = d * np.float32(hi) + m
+                else:
+                    out[s, xb + i] = d * np.float32(lo - 8)
+                    out[s, xb + 16 + i] = d * np.float32(hi - 8)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -142,6 +258,32 @@ def bundle_ffn(x: np.ndarray, slots: np.ndarray, coef: np.ndarray, counts: np.nd
         return out[0]
     list(executor(chunks).map(run, range(chunks)))
     return out.sum(0)
+
+
+def raw_matvec(x: np.ndarray, raw: np.ndarray, qtype: Q, out: np.ndarray,
+               chunks: int = 1) -> None:
+    """out (T, n) = x (T, K) @ W.T for W's rows raw (n, row bytes) in their GGUF blocks; rows
+    split over `chunks` threads. For a few rows of x (decoding): each row's blocks are decoded
+    once per token as they are multiplied."""
+    t, k = x.shape
+    x = np.ascontiguousarray(x, np.float32)
+    x_sum = x.reshape(t, k // 32, 32).sum(-1)  # (T, K/32)
+    n = raw.shape[0]
+    lay, table = up_layout(qtype), half_table()
+    if chunks == 1 or n < 256:
+        matvec_raw(x, x_sum, raw, *lay, k // 32, table, out, 0, n)
+        return
+    bounds = [n * c // chunks for c in range(chunks + 1)]
+    list(executor(chunks).map(
+        lambda c: matvec_raw(x, x_sum, raw, *lay, k // 32, table, out, bounds[c],
+                             bounds[c + 1]), range(chunks)))
+
+
+def dequantize_raw(raw: np.ndarray, qtype: Q, k: int) -> np.ndarray:
+    """raw (n, row bytes) GGUF rows -> (n, k) float32 (many rows of x: decode once, then BLAS)."""
+    out = np.empty((raw.shape[0], k), np.float32)
+    decode_raw(raw, *up_layout(qtype), k // 32, half_table(), out)
+    return out
 
 
 _EXECUTORS: dict[int, ThreadPoolExecutor] = {}

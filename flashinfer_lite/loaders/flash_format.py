@@ -1,8 +1,11 @@
 """The flash format: a converted model directory whose FFN up/down weights live on flash as one
 contiguous, aligned bundle per neuron (row-column bundling, "LLM in a flash").
 
-    OUT/resident.gguf   everything that stays in DRAM: embeddings, attention, norms, head, and the
-                        FFN gate (the exact predictor of which neurons fire), plus all metadata
+    OUT/resident.gguf   everything that stays in DRAM: embeddings, attention, norms, head, plus
+                        all metadata
+    OUT/gate.bin        per layer, a 4 KiB-aligned section of the FFN gate's `ffn_dim` rows (the
+                        GGUF's blocks, bit-exact) in the bundles' order: the exact predictor of
+                        which neurons fire, read whole each token (or held, as the budget allows)
     OUT/ffn.bin         per layer, a 4 KiB-aligned section of `ffn_dim` bundles in hot-first
                         order; bundle = up row (the GGUF's blocks, bit-exact) + down column
                         (re-encoded as Q8_0 along d_model), padded to `stride` bytes
@@ -30,10 +33,12 @@ from ..errors import InvalidModelFileError
 from .packed_grid import PackedGrid
 
 MAGIC = "flashinfer-lite/flash"
-VERSION = 2
+# 3: the gate moved from resident.gguf to gate.bin (its DRAM copy was a third of the 1.5B
+# model's resident part)
+VERSION = 3
 ALIGN = 4096  # direct I/O alignment (and a page)
 DOWN_TYPE = GGMLQuantizationType.Q8_0
-FLASH_TENSORS = ("ffn_up", "ffn_down")
+FLASH_TENSORS = ("ffn_gate", "ffn_up", "ffn_down")
 # The preview head: 4-bit codes in groups of 64 (4.56 bits per weight with scales and zero
 # points). 2-bit previews missed the true top-1 among 128 candidates at ~1% of positions on
 # SmolLM2 (benchmarks/results/vocab_fidelity_*.json); 4-bit kept it within 32 everywhere.
@@ -68,26 +73,39 @@ class BundleLayout:
     down_bytes: int  # one down column, Q8_0 blocks
     stride: int  # bytes per bundle, a multiple of 64
     section: int  # bytes per layer section, a multiple of ALIGN
+    gate_type: GGMLQuantizationType
+    gate_bytes: int  # one gate row, GGUF blocks
+    gate_section: int  # bytes per layer of gate.bin, a multiple of ALIGN
 
     @classmethod
-    def for_model(cls, d_model: int, ffn_dim: int, up_type: GGMLQuantizationType):
-        per, size = GGML_QUANT_SIZES[up_type]
-        up = d_model // per * size
-        dper, dsize = GGML_QUANT_SIZES[DOWN_TYPE]
-        down = d_model // dper * dsize
+    def for_model(cls, d_model: int, ffn_dim: int, up_type: GGMLQuantizationType,
+                  gate_type: GGMLQuantizationType):
+        up, gate = row_bytes(up_type, d_model), row_bytes(gate_type, d_model)
+        down = row_bytes(DOWN_TYPE, d_model)
         stride = -(-(up + down) // 64) * 64
         section = -(-(stride * ffn_dim) // ALIGN) * ALIGN
-        return cls(d_model, ffn_dim, up_type, up, down, stride, section)
+        gate_section = -(-(gate * ffn_dim) // ALIGN) * ALIGN
+        return cls(d_model, ffn_dim, up_type, up, down, stride, section, gate_type, gate,
+                   gate_section)
 
     def as_dict(self) -> dict:
         return {"d_model": self.d_model, "ffn_dim": self.ffn_dim, "up_type": self.up_type.name,
                 "up_bytes": self.up_bytes, "down_type": DOWN_TYPE.name,
-                "down_bytes": self.down_bytes, "stride": self.stride, "section": self.section}
+                "down_bytes": self.down_bytes, "stride": self.stride, "section": self.section,
+                "gate_type": self.gate_type.name, "gate_bytes": self.gate_bytes,
+                "gate_section": self.gate_section}
 
     @classmethod
     def from_dict(cls, d: dict) -> BundleLayout:
         return cls(d["d_model"], d["ffn_dim"], GGMLQuantizationType[d["up_type"]],
-                   d["up_bytes"], d["down_bytes"], d["stride"], d["section"])
+                   d["up_bytes"], d["down_bytes"], d["stride"], d["section"],
+                   GGMLQuantizationType[d["gate_type"]], d["gate_bytes"], d["gate_section"])
+
+
+def row_bytes(qtype: GGMLQuantizationType, k: int) -> int:
+    """Bytes of one k-wide row in qtype's blocks."""
+    per, size = GGML_QUANT_SIZES[qtype]
+    return k // per * size
 
 
 @dataclass
@@ -103,6 +121,13 @@ class FlashManifest:
     @property
     def ffn_path(self) -> Path:
         return self.path / "ffn.bin"
+
+    @property
+    def gate_path(self) -> Path:
+        return self.path / "gate.bin"
+
+    def gate_offset(self, i: int) -> int:
+        return i * self.layout.gate_section
 
     def layer(self, i: int) -> dict:
         return self.data["layers"][i]

@@ -31,9 +31,8 @@ class CausalLM:
     def __init__(self, f: GGUFFile, backend: Backend, cfg, ffn=None, head: bool = True,
                  embed_rows=None):
         """cfg: the model's config.ModelConfig. ffn: None for the dense FFN inside the
-        segments, or a callable (layer, h (T, d), gate (T, ffn)) -> (T, d) that runs the FFN
-        outside them; the gate pre-activations come from the resident gate weight inside the
-        segment.
+        segments, or a callable (layer, h (T, d)) -> (T, d) that runs the whole FFN, gate
+        included, outside them (the FFN on flash; calibration's recording FFN).
         head=False leaves the output head out (the vocabulary lives on flash: vocab/), and
         `embed_rows` may then supply embedding rows (ids (T,) -> (T, d) float32)."""
         self.file, self.cfg, self.backend, self.ffn = f, cfg, backend, ffn
@@ -118,8 +117,7 @@ class CausalLM:
 
     def _pre_ffn(self, g, x, attn, layer):
         x = self.attention_residual(g, x, attn, layer)
-        h = self.ffn_input(g, x, layer)
-        return [x, h, g.linear(h, f"blk.{layer}.ffn_gate.weight")]
+        return [x, self.ffn_input(g, x, layer)]
 
     def _post_ffn(self, g, x, m, layer):
         return self._next(g, self.ffn_residual(g, x, m, layer), layer)
@@ -151,8 +149,8 @@ class CausalLM:
             if self.ffn is None:
                 outs = self.segments[layer](x, attn)
             else:
-                x, h, gate = self.pre_ffn[layer](x, attn)
-                outs = self.post_ffn[layer](x, self.ffn(layer, h, gate))
+                x, h = self.pre_ffn[layer](x, attn)
+                outs = self.post_ffn[layer](x, self.ffn(layer, h))
             if len(outs) == 1:
                 return outs[0]
             x, q, k, v = outs
