@@ -143,6 +143,19 @@ class RawNeuronPool(NeuronPool):
         return self.raw.nbytes + self.neuron_of.nbytes + self.last_used.nbytes + \
             self.slot_of.nbytes
 
+    @classmethod
+    def over(cls, layout: BundleLayout, neurons: np.ndarray, raw: np.ndarray) -> RawNeuronPool:
+        """A pool for one call over bundles raw (n, stride) as they are (not copied): the
+        misses that do not fit the layer's pool are computed from where they were read."""
+        pool = cls.__new__(cls)
+        pool.layout, pool.capacity, pool.raw, pool.d_out = layout, len(neurons), raw, \
+            layout.d_model
+        pool._init_slots()
+        pool.neuron_of[:] = neurons
+        pool.slot_of[neurons] = np.arange(len(neurons))
+        pool.count = len(neurons)
+        return pool
+
     def decode_into(self, slots: np.ndarray, raw: np.ndarray) -> None:
         self.raw[slots] = raw
 

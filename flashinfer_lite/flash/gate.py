@@ -54,7 +54,8 @@ class FlashGate:
         self.reset_counters()
 
     def reset_counters(self) -> None:
-        self.reader.bytes_read = self.reader.read_calls = 0
+        # counted when a read is queued (exact whether or not it has landed yet)
+        self.bytes_read = self.read_calls = 0
         self.reader.seconds = 0.0
         self.wait_s = self.compute_s = 0.0
 
@@ -69,6 +70,8 @@ class FlashGate:
         off = self.manifest.gate_offset(layer) + self.held * self.layout.gate_bytes - self._skip
         self._pending[layer] = self._bg.submit(self.reader.read, [(off, self._stream)],
                                                self._slot(layer))
+        self.bytes_read += self._stream
+        self.read_calls += 1
 
     def _streamed(self, layer: int) -> np.ndarray:
         """Layer's rows [held, ffn) as (ffn - held, gate_bytes), reading them if not queued;
@@ -112,8 +115,8 @@ class FlashGate:
         self._pending.clear()
 
     def report(self) -> dict:
-        return {"gate_rows_held": self.held, "gate_bytes_read": self.reader.bytes_read,
-                "gate_reads": self.reader.read_calls, "gate_read_s": self.reader.seconds,
+        return {"gate_rows_held": self.held, "gate_bytes_read": self.bytes_read,
+                "gate_reads": self.read_calls, "gate_read_s": self.reader.seconds,
                 "gate_wait_s": self.wait_s, "gate_compute_s": self.compute_s}
 
     def close(self) -> None:
