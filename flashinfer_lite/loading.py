@@ -27,6 +27,7 @@ from .kernels.base import Backend
 from .kernels.mlx_backend import MlxBackend, mlx_gpu_available
 from .kernels.numpy_backend import NumpyBackend
 from .kernels.onnxruntime_backend import OnnxRuntimeBackend
+from .loaders.disk_curve import load_curve
 from .loaders.flash_format import FlashManifest, is_flash_dir, open_flash_dir
 from .loaders.gguf_file import GGUFFile
 from .memory import (
@@ -55,6 +56,14 @@ def make_backend(name: str, threads: int) -> Backend:
     return OnnxRuntimeBackend(threads)
 
 
+# Reads in flight for the FFN's bundles: 16-256 KiB reads ran ~3x faster at 8 in flight than
+# one at a time here, and little faster past 8 (benchmarks/probe_disk.py)
+READ_DEPTH = 8
+# The coalescing gap where the disk was never probed: between this disk's 31-46 KB at 8-32 in
+# flight and the few KB a fast NVMe SSD's lower latency implies
+DEFAULT_GAP = 16 * 1024
+
+
 class FlashFFNProvider:
     """The FFN on flash as the net calls it: (layer, h (T, d)) -> (T, d).
 
@@ -74,15 +83,17 @@ class FlashFFNProvider:
         # on MLX the neuron pool gets a twin on the device
         make = (partial(MlxFlashFFN, backend=self.backend) if self.backend.name == "mlx"
                 else FlashFFN)
+        gap = o.coalesce_gap
+        if gap is None:
+            curve = load_curve(engine="python")  # the reader is a pool of preadv threads
+            gap = DEFAULT_GAP if curve is None else curve.coalesce_gap(READ_DEPTH)
         try:
             self.ffn = make(self.manifest, self.activation, capacity,
                             skip_fraction=o.skip_fraction,
-                            cold_skip_fraction=o.cold_skip_fraction, coalesce_gap=o.coalesce_gap,
+                            cold_skip_fraction=o.cold_skip_fraction, coalesce_gap=gap,
                             window=o.neuron_window, mode=o.mode,
-                            threads=max(4, self.threads * 2), direct=o.direct_io,
-                            # 1: splitting a row's neurons over 2 threads halved the kernel
-                            # alone but not the pipeline (flash/ffn.py)
-                            compute_threads=1, prefetch=o.prefetch,
+                            threads=READ_DEPTH, direct=o.direct_io,
+                            compute_threads=self.threads, prefetch=o.prefetch,
                             gate_rows=gate_rows, gate_threads=self.threads)
         except ValueError as exc:  # a skip fraction the conversion did not calibrate
             raise InvalidArgumentError(str(exc)) from None

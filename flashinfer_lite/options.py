@@ -134,7 +134,9 @@ class FlashOptions:
     ffn_share: float | None = None  # fraction of neurons in DRAM; None: the planner's choice
     skip_fraction: float = 0.3  # calibrated share of predicted contribution skipped
     cold_skip_fraction: float | None = None  # higher bar for neurons not in DRAM (None: same)
-    coalesce_gap: int = 4096  # bytes between two reads that are merged into one
+    # bytes between two wanted ranges below which one read spans both; None: from the disk
+    # probe's curve at the reader's depth where this machine was probed, else DEFAULT_GAP
+    coalesce_gap: int | None = None
     mode: str = _option("ours", "ffn_mode")
     neuron_window: int = 5  # tokens whose neurons stay in the pool
     direct_io: bool = True  # O_DIRECT reads (FFN bundles and vocabulary rows)
@@ -145,7 +147,7 @@ class FlashOptions:
         _fraction("skip_fraction", self.skip_fraction, low_open=False, high_open=True)
         _fraction("cold_skip_fraction", self.cold_skip_fraction, low_open=False,
                   high_open=True, optional=True)
-        _int_at_least("coalesce_gap", self.coalesce_gap, 0)
+        _int_at_least("coalesce_gap", self.coalesce_gap, 0, optional=True)
         _require(self.mode in FFN_MODES, "ffn_mode", f"one of {', '.join(FFN_MODES)}",
                  self.mode)
         _int_at_least("neuron_window", self.neuron_window, 0)

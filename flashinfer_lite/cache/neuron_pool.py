@@ -143,21 +143,21 @@ class RawNeuronPool(NeuronPool):
         return self.raw.nbytes + self.neuron_of.nbytes + self.last_used.nbytes + \
             self.slot_of.nbytes
 
-    @classmethod
-    def over(cls, layout: BundleLayout, neurons: np.ndarray, raw: np.ndarray) -> RawNeuronPool:
-        """A pool for one call over bundles raw (n, stride) as they are (not copied): the
-        misses that do not fit the layer's pool are computed from where they were read."""
-        pool = cls.__new__(cls)
-        pool.layout, pool.capacity, pool.raw, pool.d_out = layout, len(neurons), raw, \
-            layout.d_model
-        pool._init_slots()
-        pool.neuron_of[:] = neurons
-        pool.slot_of[neurons] = np.arange(len(neurons))
-        pool.count = len(neurons)
-        return pool
-
     def decode_into(self, slots: np.ndarray, raw: np.ndarray) -> None:
         self.raw[slots] = raw
+
+    def reserve(self, neurons: np.ndarray, step: int) -> np.ndarray:
+        """Append neurons and return their rows (n, stride) for the caller to fill: a read
+        buffer's bundles go straight in, with no intermediate copy."""
+        n = len(neurons)
+        if self.count + n > self.capacity:
+            raise ValueError(f"pool full: {self.count} + {n} > {self.capacity}")
+        slots = np.arange(self.count, self.count + n)
+        self.neuron_of[slots] = neurons
+        self.slot_of[neurons] = slots
+        self.last_used[slots] = step
+        self.count += n
+        return self.raw[slots[0] : slots[0] + n] if n else self.raw[:0]
 
     def dequantize(self, slots):
         lay, rows = self.layout, self.raw[slots]

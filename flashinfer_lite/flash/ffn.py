@@ -34,8 +34,20 @@ from .gate import FlashGate
 from .lookahead import Lookahead
 
 
+class ReadBundles:
+    """Bundles used where a read left them (the misses a full pool does not keep): buf holds
+    neuron i's bundle at byte pos_of[i] (-1: not here)."""
+
+    def __init__(self, buf: np.ndarray, neurons: np.ndarray, pos: np.ndarray, layout):
+        self.buf, self.neurons = buf, neurons
+        self.pos_of = np.full(layout.ffn_dim, -1, np.int64)
+        self.pos_of[neurons] = pos
+
+
 class FlashFFN:
     LOOKAHEAD = 2  # layers read ahead with prefetch=True (ring of LOOKAHEAD + 1 sections)
+    # raw bundles are computed where their read left them (no copy into a call's pool)
+    READ_IN_PLACE = True
 
     def __init__(self, manifest: FlashManifest, activation: str, capacity: int,
                  skip_fraction: float = 0.3, window: int = 5, mode: str = "ours",
@@ -68,7 +80,10 @@ class FlashFFN:
         self.pool_class = RawNeuronPool if lay.up_type in RAW_UP_TYPES else NeuronPool
         self.pools = ([self.pool_class(lay, self.capacity) for _ in range(n_layers)] if cached
                       else None)
-        self.scratch = None if cached else self.pool_class(lay, lay.ffn_dim)
+        # the uncached modes' pool for one call (raw bundles are used where they were read)
+        self.in_place = self.READ_IN_PLACE and self.pool_class is RawNeuronPool
+        self.scratch = (None if cached or (mode == "naive" and self.in_place)
+                        else self.pool_class(lay, lay.ffn_dim))
         self.reader = FlashReader(manifest.ffn_path, lay.section + 2 * 4096 * lay.ffn_dim
                                   if mode in ("skip", "cache") else lay.section,
                                   threads=threads, direct=direct)
@@ -128,7 +143,7 @@ class FlashFFN:
 
     @property
     def nbytes(self) -> int:
-        pools = self.pools if self.pools is not None else [self.scratch]
+        pools = self.pools if self.pools is not None else [self.scratch] if self.scratch else []
         la = self.lookahead.nbytes if self.lookahead is not None else 0
         return sum(p.nbytes for p in pools) + self.reader.nbytes + la + self.gate.nbytes
 
@@ -161,6 +176,16 @@ class FlashFFN:
             out[j, lay.up_bytes : lay.up_bytes + lay.down_bytes] = \
                 self.reader.staging[b : b + lay.down_bytes]
         return out
+
+    def _read(self, layer: int, neurons: np.ndarray) -> np.ndarray:
+        """Read bundles `neurons` (bundle indices, sorted) of a layer, neighbours coalesced;
+        returns each one's byte position in the reader's staging buffer."""
+        starts = self.manifest.layer(layer)["offset"] + neurons * self.layout.stride
+        reads = coalesce(starts, starts + self.layout.stride, self.gap, self.reader.align)
+        dests = self.reader.read(reads)
+        r_off = np.array([o for o, _ in reads], np.int64)
+        idx = np.searchsorted(r_off, starts, side="right") - 1
+        return np.asarray(dests, np.int64)[idx] + (starts - r_off[idx])
 
     def _gather(self, staging, reads, dests, starts) -> np.ndarray:
         """Bundles starting at file offsets `starts` out of a staging buffer that holds
@@ -234,17 +259,25 @@ class FlashFFN:
                     self._schedule(layer)
                 else:  # a prefill changes the pools in bulk: predictions are stale
                     self.lookahead.drain()
-            if len(missing):
+            if len(missing) and self.lookahead is None and self.in_place:
+                # no copies: the pool takes what fits straight from the read buffer, and the
+                # rest (window full: the coldest misses) is computed where it landed
+                pos = self._read(layer, missing)
+                t_mm = time.perf_counter()
+                room = pool.evict_for(len(missing), self.step, self.window)
+                gather_rows(self.reader.staging, pos[:room], self.layout.stride,
+                            pool.reserve(missing[:room], self.step))
+                tmp = (ReadBundles(self.reader.staging, missing[room:], pos[room:],
+                                   self.layout) if room < len(missing) else None)
+                self.stats["mm_s"] += time.perf_counter() - t_mm
+            elif len(missing):
                 raw = self._take(layer, missing)
                 t_mm = time.perf_counter()
                 room = pool.evict_for(len(missing), self.step, self.window)
                 if room < len(missing):  # window full: the coldest misses are computed, not kept
                     keep, extra = missing[:room], missing[room:]
-                    if self.pool_class is RawNeuronPool:  # computed where they were read
-                        tmp = RawNeuronPool.over(self.layout, extra, raw[room:])
-                    else:
-                        tmp = self.pool_class(self.layout, len(extra))
-                        tmp.insert(extra, raw[room:], self.step)
+                    tmp = self.pool_class(self.layout, len(extra))
+                    tmp.insert(extra, raw[room:], self.step)
                     raw = raw[:room]
                     missing = keep
                 else:
@@ -254,6 +287,9 @@ class FlashFFN:
             else:
                 tmp = None
             src = pool
+        elif self.mode == "naive" and self.in_place:
+            src, tmp = ReadBundles(self.reader.staging, needed, self._read(layer, needed),
+                                   self.layout), None
         else:
             raw = self._fetch(layer, needed)
             t_mm = time.perf_counter()
@@ -266,7 +302,7 @@ class FlashFFN:
         out = self._compute(h, a, active, src)
         if tmp is not None:  # neurons that did not fit the pool
             extra_active = np.zeros_like(active)
-            extra_active[:, tmp.neuron_of[: tmp.count]] = active[:, tmp.neuron_of[: tmp.count]]
+            extra_active[:, tmp.neurons] = active[:, tmp.neurons]
             out += self._compute(h, a, extra_active, tmp)
         self.stats["compute_s"] += time.perf_counter() - t_c
         self.stats["neurons_computed"] += int(active.sum())
@@ -277,28 +313,42 @@ class FlashFFN:
         return out
 
     def _compute(self, h, a, active, pool) -> np.ndarray:
+        """The FFN over `active` (T, ffn) neurons held by pool: a neuron pool, or bundles
+        where a read left them (ReadBundles)."""
         t = h.shape[0]
         if t >= self.DENSE_ROWS:
             return self._compute_rows_dense(h, a, active, pool)
-        slots = np.full((t, active.shape[1]), 0, np.int64)
+        raw = not isinstance(pool, NeuronPool) or isinstance(pool, RawNeuronPool)
+        where = self._positions(pool) if raw else pool.slot_of  # (ffn,), -1: not held
+        at = np.full((t, active.shape[1]), 0, np.int64)
         coef = np.zeros((t, active.shape[1]), np.float32)
         counts = np.zeros(t, np.int64)
         for r in range(t):
-            idx = np.nonzero(active[r] & (pool.slot_of >= 0))[0]
+            idx = np.nonzero(active[r] & (where >= 0))[0]
             counts[r] = len(idx)
-            slots[r, : len(idx)] = pool.slot_of[idx]
+            at[r, : len(idx)] = where[idx]
             coef[r, : len(idx)] = a[r, idx]
-        # one chunk per thread only when there is enough work to split (a decoding row's ~1,000
-        # active neurons; a handful of rows of a short prompt). The model passes 1: on 2 cores
-        # two chunks halved the kernel in a microbenchmark (1.4 -> 0.7 ms per call) but its
-        # measured time in the decoding pipeline rose (SmolLM2, share 0.25, alternating A/B:
-        # 37-46 vs 43-58 ms per token on a quiet machine)
-        chunks = self.compute_threads if counts.sum() >= 256 else 1
-        if isinstance(pool, RawNeuronPool):
-            return bundle_ffn(h, slots, coef, counts, pool, chunks)
-        return sparse_ffn(h.astype(np.float32), pool.block, slots, coef, counts, pool, chunks)
+        # one chunk per thread only when there is enough work to split. Not at SmolLM2's ~1,000
+        # active neurons a row: on 2 cores two chunks halved the kernel in a microbenchmark
+        # (1.4 -> 0.7 ms per call) but its measured time in the decoding pipeline rose
+        # (share 0.25, alternating A/B: 37-46 vs 43-58 ms per token on a quiet machine)
+        chunks = self.compute_threads if counts.sum() >= self.SPLIT_NEURONS else 1
+        if raw:
+            return bundle_ffn(h, at, coef, counts, self._bytes(pool), self.layout, chunks)
+        return sparse_ffn(h.astype(np.float32), pool.block, at, coef, counts, pool, chunks)
+
+    def _positions(self, pool) -> np.ndarray:
+        """(ffn,) byte position of each neuron's bundle in self._bytes(pool); -1: absent."""
+        if isinstance(pool, ReadBundles):
+            return pool.pos_of
+        return np.where(pool.slot_of >= 0, pool.slot_of * self.layout.stride, -1)
+
+    @staticmethod
+    def _bytes(pool) -> np.ndarray:
+        return pool.buf if isinstance(pool, ReadBundles) else pool.raw.reshape(-1)
 
     DENSE_ROWS = 8
+    SPLIT_NEURONS = 2048  # active neurons in a call from which the kernel runs on every thread
 
     DENSE_NEURONS = 256  # neurons dequantized at a time on the prefill path
 
@@ -307,26 +357,25 @@ class FlashFFN:
         BLAS (per-row sparse loops would redo the up-row dot products for every row). In
         groups of DENSE_NEURONS: the whole union at once (plus gguf's dequantizing
         temporaries) was a 34 MB peak on Gemma 3, past a 300 MB budget's reserve."""
-        union = np.nonzero(active.any(0) & (pool.slot_of >= 0))[0]
-        out = np.zeros((h.shape[0], pool.d_out), np.float32)
+        raw = not isinstance(pool, NeuronPool) or isinstance(pool, RawNeuronPool)
+        where = self._positions(pool) if raw else pool.slot_of
+        union = np.nonzero(active.any(0) & (where >= 0))[0]
+        out = np.zeros((h.shape[0], self.layout.d_model), np.float32)
         x = h.astype(np.float32)
+        lay = self.layout
         for g in range(0, len(union), self.DENSE_NEURONS):
             part = union[g : g + self.DENSE_NEURONS]
-            up, down = self._dequantize(pool, pool.slot_of[part])  # (n, K), (n, D)
+            if raw:  # the numba decoder: gguf's numpy one took ~0.1 s a layer on Q4_K
+                rows = np.empty((len(part), lay.stride), np.uint8)
+                gather_rows(self._bytes(pool), where[part], lay.stride, rows)
+                up = dequantize_raw(rows[:, : lay.up_bytes], lay.up_type, lay.d_model)
+                down = dequantize_raw(rows[:, lay.up_bytes : lay.up_bytes + lay.down_bytes],
+                                      DOWN_TYPE, lay.d_model)
+            else:
+                up, down = pool.dequantize(where[part])  # (n, K), (n, D)
             coef = np.where(active[:, part], a[:, part], 0.0).astype(np.float32)  # (T, n)
             out += (coef * (x @ up.T)) @ down
         return out
-
-    @staticmethod
-    def _dequantize(pool, slots):
-        """Pool rows as float32 up rows (n, K) and down columns (n, D); raw bundles through
-        the numba decoder (gguf's numpy one took ~0.1 s per layer for Q4_K on the 1.5B)."""
-        if not isinstance(pool, RawNeuronPool):
-            return pool.dequantize(slots)
-        lay, rows = pool.layout, pool.raw[slots]
-        return (dequantize_raw(rows[:, : lay.up_bytes], lay.up_type, lay.d_model),
-                dequantize_raw(rows[:, lay.up_bytes : lay.up_bytes + lay.down_bytes],
-                               DOWN_TYPE, lay.d_model))
 
     # ---- reporting -------------------------------------------------------------------------
     def report(self) -> dict:

@@ -54,6 +54,7 @@ class _DevicePool:
 
 
 class MlxFlashFFN(FlashFFN):
+    READ_IN_PLACE = False  # every bundle it computes goes through a pool and its device twin
     def __init__(self, manifest, activation, capacity, backend, overlap: bool = True, **kw):
         """overlap: start each layer's FFN on the GPU as soon as it is built (mx.async_eval)."""
         self.mx = backend.mx

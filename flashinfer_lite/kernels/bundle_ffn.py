@@ -39,12 +39,14 @@ def up_layout(qtype: Q) -> tuple[int, int, int, int]:
     return RAW_UP_TYPES[qtype], lay.nbytes, lay.codes, extra
 
 
-# Module level so numba's on-disk cache serves it (closures recompile in every process).
+# Module level so numba's on-disk cache serves it (closures recompile in every process). Rows
+# are 1-D byte views (a pool row, or a bundle where it landed in the read buffer): with the
+# row as a view the 32-wide loops vectorize.
 
 
 @numba.njit(fastmath=True, cache=True, nogil=True, inline="always")
-def half(raw, s, o, table):
-    return table[np.int64(raw[s, o]) | (np.int64(raw[s, o + 1]) << 8)]
+def half(r, o, table):
+    return table[np.int64(r[o]) | (np.int64(r[o + 1]) << 8)]
 
 
 @numba.njit(fastmath=True, cache=True, nogil=True, inline="always")
@@ -61,13 +63,12 @@ def q4k_scales(r, o, sc, mn):
 @numba.njit(fastmath=True, cache=True, nogil=True, inline="always")
 def q4k_dot(r, n_super, x, x_sum, table, sc, mn):
     """A row's Q4_K super-blocks r (bytes) . x (K,), x_sum (K/32,) its 32-block sums;
-    w = d * sc * q - dmin * m. Row and x as 1-D views: the 32-wide loops vectorize.
-    sc, mn: (8,) float32 scratch."""
+    w = d * sc * q - dmin * m. sc, mn: (8,) float32 scratch."""
     u = np.float32(0.0)
     for b in range(n_super):
         o = b * Q4K_BYTES
-        d = table[np.int64(r[o]) | (np.int64(r[o + 1]) << 8)]
-        dmin = table[np.int64(r[o + 2]) | (np.int64(r[o + 3]) << 8)]
+        d = half(r, o, table)
+        dmin = half(r, o + 2, table)
         q4k_scales(r, o + Q4K_SCALES, sc, mn)
         acc = np.float32(0.0)
         macc = np.float32(0.0)
@@ -87,11 +88,12 @@ def q4k_dot(r, n_super, x, x_sum, table, sc, mn):
 
 
 @numba.njit(fastmath=True, cache=True, nogil=True, inline="always")
-def raw_up_dot(raw, s, kind, up_blocks, size, codes, extra, x, x_sum, t, table, sc, mn):
-    """Bundle s's up row . x[t], its GGUF blocks (`size` bytes each, codes at byte `codes`, the
-    minimum or the 5th bits at `extra`) decoded as they are read (sc, mn: Q4_K's scratch)."""
+def raw_up_dot(r, kind, up_blocks, size, codes, extra, x, x_sum, table, sc, mn):
+    """Row r's GGUF blocks (`size` bytes each, codes at byte `codes`, the minimum or the 5th
+    bits at `extra`) . x (K,), decoded as they are read; x_sum (K/32,); sc, mn: Q4_K's
+    scratch."""
     if kind == 4:
-        return q4k_dot(raw[s], up_blocks // 8, x[t], x_sum[t], table, sc, mn)
+        return q4k_dot(r, up_blocks // 8, x, x_sum, table, sc, mn)
     u = np.float32(0.0)
     for b in range(up_blocks):
         xb = b * 32
@@ -99,66 +101,63 @@ def raw_up_dot(raw, s, kind, up_blocks, size, codes, extra, x, x_sum, t, table, 
         o = b * size
         if kind == 0:  # Q4_0: d, qs[16]; w = d * (q - 8)
             for i in range(16):
-                q = raw[s, o + codes + i]
-                acc += np.float32(q & 15) * x[t, xb + i] + \
-                    np.float32(q >> 4) * x[t, xb + 16 + i]
-            u += half(raw, s, o, table) * (acc - 8.0 * x_sum[t, b])
+                q = r[o + codes + i]
+                acc += np.float32(q & 15) * x[xb + i] + np.float32(q >> 4) * x[xb + 16 + i]
+            u += half(r, o, table) * (acc - 8.0 * x_sum[b])
         elif kind == 1:  # Q4_1: d, m, qs[16]; w = d * q + m
             for i in range(16):
-                q = raw[s, o + codes + i]
-                acc += np.float32(q & 15) * x[t, xb + i] + \
-                    np.float32(q >> 4) * x[t, xb + 16 + i]
-            u += half(raw, s, o, table) * acc + half(raw, s, o + extra, table) * \
-                x_sum[t, b]
+                q = r[o + codes + i]
+                acc += np.float32(q & 15) * x[xb + i] + np.float32(q >> 4) * x[xb + 16 + i]
+            u += half(r, o, table) * acc + half(r, o + extra, table) * x_sum[b]
         elif kind == 2:  # Q5_0: d, qh (u32), qs[16]; w = d * (q5 - 16)
             h = o + extra
-            qh = np.int64(raw[s, h]) | (np.int64(raw[s, h + 1]) << 8) | \
-                (np.int64(raw[s, h + 2]) << 16) | (np.int64(raw[s, h + 3]) << 24)
+            qh = np.int64(r[h]) | (np.int64(r[h + 1]) << 8) | (np.int64(r[h + 2]) << 16) | \
+                (np.int64(r[h + 3]) << 24)
             for i in range(16):
-                q = np.int64(raw[s, o + codes + i])
+                q = np.int64(r[o + codes + i])
                 lo = (q & 15) | (((qh >> i) & 1) << 4)
                 hi = (q >> 4) | (((qh >> (i + 16)) & 1) << 4)
-                acc += np.float32(lo) * x[t, xb + i] + \
-                    np.float32(hi) * x[t, xb + 16 + i]
-            u += half(raw, s, o, table) * (acc - 16.0 * x_sum[t, b])
+                acc += np.float32(lo) * x[xb + i] + np.float32(hi) * x[xb + 16 + i]
+            u += half(r, o, table) * (acc - 16.0 * x_sum[b])
         else:  # Q8_0: d, int8[32]
             for i in range(32):
-                acc += np.float32(np.int8(raw[s, o + codes + i])) * x[t, xb + i]
-            u += half(raw, s, o, table) * acc
+                acc += np.float32(np.int8(r[o + codes + i])) * x[xb + i]
+            u += half(r, o, table) * acc
     return u
 
 
 @numba.njit(fastmath=True, cache=True, nogil=True, inline="always")
-def add_raw_down_column(y, a, raw, s, down_off, d_blocks, d_size, d_codes, table):
-    """y += a * bundle s's down column: Q8_0 blocks (float16 scale, int8[32] at d_codes;
+def add_raw_down_column(y, a, r, down_off, d_blocks, d_size, d_codes, table):
+    """y += a * the down column in bundle r: Q8_0 blocks (float16 scale, int8[32] at d_codes;
     d_size bytes each) at down_off."""
     for b in range(d_blocks):
         o = down_off + b * d_size
-        sc = a * half(raw, s, o, table)
+        sc = a * half(r, o, table)
         for i in range(32):
-            y[b * 32 + i] += sc * np.float32(np.int8(raw[s, o + d_codes + i]))
+            y[b * 32 + i] += sc * np.float32(np.int8(r[o + d_codes + i]))
 
 
 @numba.njit(fastmath=True, cache=True, nogil=True)
-def ffn_raw(x, x_sum, slots, coef, counts, raw, kind, size, codes, extra, up_blocks,
+def ffn_raw(x, x_sum, pos, coef, counts, buf, stride, kind, size, codes, extra, up_blocks,
             down_off, d_blocks, d_size, d_codes, table, out, c):
-    """x (T, K), x_sum (T, K/32); raw (P, stride) bundles (up row as raw_up_dot reads it,
-    down column as add_raw_down_column does); out (chunks, T, D): this call sums chunk c's
-    share of each row's slots into out[c] (one chunk per thread)."""
+    """x (T, K), x_sum (T, K/32); buf: bytes holding bundles of `stride` bytes (up row as
+    raw_up_dot reads it, down column as add_raw_down_column does), row t's j-th active one
+    at buf[pos[t, j]:]; out (chunks, T, D): this call sums chunk c's share of each row's
+    bundles into out[c] (one chunk per thread)."""
     chunks = out.shape[0]
     sc, mn = np.empty(8, np.float32), np.empty(8, np.float32)
     for t in range(x.shape[0]):
         y = out[c, t]
         xt, xs = x[t], x_sum[t]
         for j in range(counts[t] * c // chunks, counts[t] * (c + 1) // chunks):
-            s = slots[t, j]
+            p = pos[t, j]
+            r = buf[p : p + stride]
             if kind == 4:  # called directly: through raw_up_dot's branches it ran slower
-                u = q4k_dot(raw[s], up_blocks // 8, xt, xs, table, sc, mn)
+                u = q4k_dot(r, up_blocks // 8, xt, xs, table, sc, mn)
             else:
-                u = raw_up_dot(raw, s, kind, up_blocks, size, codes, extra, x, x_sum, t,
-                               table, sc, mn)
-            add_raw_down_column(y, coef[t, j] * u, raw, s, down_off, d_blocks, d_size,
-                                d_codes, table)
+                u = raw_up_dot(r, kind, up_blocks, size, codes, extra, xt, xs, table, sc, mn)
+            add_raw_down_column(y, coef[t, j] * u, r, down_off, d_blocks, d_size, d_codes,
+                                table)
 
 
 @numba.njit(fastmath=True, cache=True, nogil=True)
@@ -173,9 +172,10 @@ def matvec_raw(x, x_sum, raw, kind, size, codes, extra, blocks, table, out, lo, 
                 out[t, r] = q4k_dot(row, blocks // 8, x[t], x_sum[t], table, sc, mn)
         return
     for r in range(lo, hi):
+        row = raw[r]
         for t in range(x.shape[0]):
-            out[t, r] = raw_up_dot(raw, r, kind, blocks, size, codes, extra, x, x_sum, t, table,
-                                   sc, mn)
+            out[t, r] = raw_up_dot(row, kind, blocks, size, codes, extra, x[t], x_sum[t],
+                                   table, sc, mn)
 
 
 @numba.njit(fastmath=True, cache=True, nogil=True)
@@ -183,12 +183,12 @@ def decode_raw(raw, kind, size, codes, extra, blocks, table, out):
     """raw (n, row bytes) GGUF rows -> out (n, blocks * 32) float32."""
     sc, mn = np.empty(8, np.float32), np.empty(8, np.float32)
     for s in range(raw.shape[0]):
+        r, y = raw[s], out[s]
         if kind == 4:
-            r, y = raw[s], out[s]
             for b in range(blocks // 8):
                 o = b * Q4K_BYTES
-                d = half(raw, s, o, table)
-                dmin = half(raw, s, o + 2, table)
+                d = half(r, o, table)
+                dmin = half(r, o + 2, table)
                 q4k_scales(r, o + Q4K_SCALES, sc, mn)
                 for c in range(4):
                     q0, y0 = o + Q4K_CODES + c * 32, b * 256 + c * 64
@@ -200,31 +200,31 @@ def decode_raw(raw, kind, size, codes, extra, blocks, table, out):
             continue
         for b in range(blocks):
             o = b * size
-            d = half(raw, s, o, table)
+            d = half(r, o, table)
             xb = b * 32
             if kind == 3:
                 for i in range(32):
-                    out[s, xb + i] = d * np.float32(np.int8(raw[s, o + codes + i]))
+                    y[xb + i] = d * np.float32(np.int8(r[o + codes + i]))
                 continue
             if kind == 2:
                 h = o + extra
-                qh = np.int64(raw[s, h]) | (np.int64(raw[s, h + 1]) << 8) | \
-                    (np.int64(raw[s, h + 2]) << 16) | (np.int64(raw[s, h + 3]) << 24)
+                qh = np.int64(r[h]) | (np.int64(r[h + 1]) << 8) | \
+                    (np.int64(r[h + 2]) << 16) | (np.int64(r[h + 3]) << 24)
             for i in range(16):
-                q = np.int64(raw[s, o + codes + i])
+                q = np.int64(r[o + codes + i])
                 lo, hi = q & 15, q >> 4
                 if kind == 2:
                     lo = lo | (((qh >> i) & 1) << 4)
                     hi = hi | (((qh >> (i + 16)) & 1) << 4)
-                    out[s, xb + i] = d * np.float32(lo - 16)
-                    out[s, xb + 16 + i] = d * np.float32(hi - 16)
+                    y[xb + i] = d * np.float32(lo - 16)
+                    y[xb + 16 + i] = d * np.float32(hi - 16)
                 elif kind == 1:
-                    m = half(raw, s, o + extra, table)
-                    out[s, xb + i] = d * np.float32(lo) + m
-                    out[s, xb + 16 + i] = d * np.float32(hi) + m
+                    m = half(r, o + extra, table)
+                    y[xb + i] = d * np.float32(lo) + m
+                    y[xb + 16 + i] = d * np.float32(hi) + m
                 else:
-                    out[s, xb + i] = d * np.float32(lo - 8)
-                    out[s, xb + 16 + i] = d * np.float32(hi - 8)
+                    y[xb + i] = d * np.float32(lo - 8)
+                    y[xb + 16 + i] = d * np.float32(hi - 8)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -241,21 +241,22 @@ def gather_rows(src, pos, width, out):
             o[j] = s[j]
 
 
-def bundle_ffn(x: np.ndarray, slots: np.ndarray, coef: np.ndarray, counts: np.ndarray,
-               pool, chunks: int = 1) -> np.ndarray:
-    """x (T, K) -> (T, D) over each row's active slots of a RawNeuronPool; chunks > 1 splits
-    each row's slots over that many threads (the kernel releases the GIL)."""
+def bundle_ffn(x: np.ndarray, pos: np.ndarray, coef: np.ndarray, counts: np.ndarray,
+               buf: np.ndarray, layout, chunks: int = 1) -> np.ndarray:
+    """x (T, K) -> (T, D) over bundles in buf (uint8, 1-D: a pool's rows, or a read buffer
+    where they landed): row t's active ones at byte positions pos[t, :counts[t]], scaled by
+    coef[t]. chunks > 1 splits each row's bundles over that many threads (the kernel releases
+    the GIL)."""
     t, k = x.shape
     x = np.ascontiguousarray(x, np.float32)
     x_sum = x.reshape(t, k // 32, 32).sum(-1)  # (T, K/32)
-    out = np.zeros((chunks, t, pool.d_out), np.float32)
-    lay = pool.layout
+    out = np.zeros((chunks, t, layout.d_model), np.float32)
     table = half_table()
 
     def run(c):
-        ffn_raw(x, x_sum, slots, coef, counts, pool.raw, *up_layout(lay.up_type), k // 32,
-                lay.up_bytes, lay.d_model // 32, DOWN_BLOCK.nbytes, DOWN_BLOCK.codes, table,
-                out, c)
+        ffn_raw(x, x_sum, pos, coef, counts, buf, layout.stride, *up_layout(layout.up_type),
+                k // 32, layout.up_bytes, layout.d_model // 32, DOWN_BLOCK.nbytes,
+                DOWN_BLOCK.codes, table, out, c)
 
     if chunks == 1:
         run(0)
@@ -301,12 +302,18 @@ def executor(n: int) -> ThreadPoolExecutor:
 
 
 def warm() -> None:
-    """Load (or compile) the kernel now, on empty inputs of the real call's types. Loading
+    """Load (or compile) the kernels now, on empty inputs of the real calls' types. Loading
     numba's JIT machinery costs ~50 MB of RSS once per process: code, not model data, so
     benchmarks count it in the interpreter's baseline (benchmarks/bench_budget.py)."""
     x = np.zeros((0, 32), np.float32)
+    table = half_table()
     ffn_raw(x, np.zeros((0, 1), np.float32), np.zeros((0, 1), np.int64),
-            np.zeros((0, 1), np.float32), np.zeros(0, np.int64), np.zeros((1, 64), np.uint8),
-            *up_layout(Q.Q4_0), 1, 18, 1, DOWN_BLOCK.nbytes, DOWN_BLOCK.codes,
-            half_table(), np.zeros((1, 0, 32), np.float32), 0)
+            np.zeros((0, 1), np.float32), np.zeros(0, np.int64), np.zeros(64, np.uint8), 64,
+            *up_layout(Q.Q4_0), 1, 18, 1, DOWN_BLOCK.nbytes, DOWN_BLOCK.codes, table,
+            np.zeros((1, 0, 32), np.float32), 0)
+    rows = np.zeros((0, 18), np.uint8)
+    # the gate's output is written in column slices (flash/gate.py): a strided array type
+    matvec_raw(x, np.zeros((0, 1), np.float32), rows, *up_layout(Q.Q4_0), 1, table,
+               np.zeros((0, 4), np.float32)[:, 1:3], 0, 0)
+    decode_raw(rows, *up_layout(Q.Q4_0), 1, table, np.zeros((0, 32), np.float32))
     gather_rows(np.zeros(64, np.uint8), np.zeros(0, np.int64), 64, np.zeros((0, 64), np.uint8))
