@@ -24,6 +24,8 @@ DENSE_RSS_PER_FILE_BYTE = 1.9
 # The resident part of a flash model with its head measured ~2x the resident file in RSS
 # (SmolLM2: 128 MB for 65 MB: Q4_1 weights ~1.4x in ORT, plus the tokenizer's 25 MB).
 RESIDENT_RSS_PER_FILE_BYTE = 2.0
+# (T, ffn) float32 arrays a prompt chunk holds at once in the flash FFN (flash/ffn.py)
+PREFILL_ROW_ARRAYS = 3
 # share of the FFN bundles the pools should hold for the head to stay resident
 POOL_SHARE_BESIDE_HEAD = 0.25
 
@@ -70,8 +72,11 @@ def pool_plan(budget: int | None, resident_bytes: int, net, layout, kv: KVOption
     kv_tokens = min(kv.reserve_tokens, n_ctx)
     kv_reserve = sum(c.bytes_at(kv_tokens, chunk) for c in make_layer_caches(net, kv.spec))
     ring = FlashFFN.LOOKAHEAD + 1 if flash.prefetch and flash.mode == "ours" else 0
-    # staging: the bundle reads (+ the lookahead ring) and the gate's ring of two layers
-    staging = layout.section * (1 + ring) + 2 * layout.gate_section
+    # staging: the bundle reads (+ the lookahead ring) and the gate's ring of two layers; and
+    # a prompt chunk's (T, ffn) float32 arrays in the FFN (gate/score, activation, the dense
+    # path's blocks): 27 MB for the 1.5B's 256-token chunks
+    staging = (layout.section * (1 + ring) + 2 * layout.gate_section
+               + PREFILL_ROW_ARRAYS * min(chunk, n_ctx) * layout.ffn_dim * 4)
     return plan(budget, resident_bytes, kv_reserve, kv_tokens, staging,
                 FlashFFN.bytes_per_neuron(layout), net.cfg.n_layers, net.cfg.ffn_dim,
                 layout.gate_bytes)

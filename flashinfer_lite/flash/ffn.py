@@ -235,17 +235,18 @@ class FlashFFN:
         io0 = self.reader.seconds
         if layer == 0:
             self.step += h.shape[0]
-        a = self.act(self.gate.preact(layer, h))  # (T, ffn) in bundle order
-        score = np.abs(a) * self.weight[layer]
+        g = self.gate.preact(layer, h)  # (T, ffn) in bundle order
+        a = self.act(g, out=np.empty_like(g))
+        score = np.abs(a, out=g)  # in the gate's buffer: a prompt chunk's copies add up
+        score *= self.weight[layer]
         th, th_cold = self.threshold[layer], self.cold_threshold[layer]
         pool = self.pools[layer] if self.pools is not None else None
         if self.mode == "naive":
             active = np.ones_like(score, dtype=bool)
-        elif pool is not None:
-            resident = pool.slot_of >= 0
-            active = np.where(resident, score >= th, score >= th_cold)
         else:
             active = score >= th_cold
+            if pool is not None and th < th_cold:  # a lower bar for neurons in DRAM
+                active |= (score >= th) & (pool.slot_of >= 0)
         needed = np.nonzero(active.any(0))[0]
         self.stats["neurons_needed"] += int(active.sum())
         if pool is not None:
