@@ -105,10 +105,10 @@ def child(model: str, config: str, workload: str, max_tokens: int, threads: int)
             r[k] = s[k]
     if m.flash is not None:
         rep = m.flash_report()
-        n = max(s["generated_tokens"] - 1, 1)
         per = {k: s.get(f"{k}_per_token") for k in (
             "flash_bytes_read", "flash_reads", "io_s", "memory_management_s", "compute_s",
-            "vocab_bytes_read", "vocab_reads")}
+            "vocab_bytes_read", "vocab_reads", "gate_bytes_read", "gate_wait_s",
+            "gate_compute_s")}
         bundle_bytes = rep["flash_bytes_read"] - rep["gate_bytes_read"]
         bundle_reads = rep["flash_reads"] - rep["gate_reads"]
         reader = m.flash.reader
@@ -119,7 +119,6 @@ def child(model: str, config: str, workload: str, max_tokens: int, threads: int)
             "ffn_bytes": (m.flash.layout.section + m.flash.layout.gate_section)
             * m.config.n_layers,
             **{f"{k}_per_token": v for k, v in per.items()},
-            "gate_bytes_per_token": rep["gate_bytes_read"] / (n + 1),
             "mean_bundle_read_bytes": mean,
             "bundle_read_MBps": bundle_bytes / reader.seconds / 1e6 if reader.seconds else None,
             "probe_MBps_at_size": (curve.bandwidth(int(mean), reader.threads) / 1e6

@@ -27,7 +27,8 @@ from .speculative import DraftOptions, NgramDrafter, SpeculationStats, speculati
 RSS_EVERY = 32
 # flash reports whose decode-only share per generated token the stats give
 PER_TOKEN_KEYS = ("flash_bytes_read", "flash_reads", "io_s", "memory_management_s", "compute_s",
-                  "vocab_bytes_read", "vocab_reads", "head_s")
+                  "vocab_bytes_read", "vocab_reads", "head_s", "gate_bytes_read", "gate_wait_s",
+                  "gate_compute_s")
 
 
 class Cancelled(Exception):

@@ -156,16 +156,19 @@ class VocabOnFlash:
         self.rows.close()
 
 
-def warm_segments(net: CausalLM, vocab: VocabOnFlash | None) -> None:
-    """Run every compiled segment once on a zero row: ONNX Runtime allocates each session's run
-    state on its first call (~10 MB for SmolLM2), which belongs in the measured resident cost
-    rather than surprising the budget later."""
-    segs = [net.first, *net.head_slices, *(vocab.slices if vocab else [])]
-    segs += getattr(net, "segments", None) or [*net.pre_ffn, *net.post_ffn]
-    for seg in segs:
-        widths = getattr(seg, "input_widths", None)
-        if widths is not None:
-            seg(*[np.zeros((1, w), np.float32) for w in widths])
+def warm_segments(net: CausalLM, vocab: VocabOnFlash | None, chunk: int) -> None:
+    """Run every compiled segment once on a zero row, and the layers' segments also on a
+    prompt chunk of rows: ONNX Runtime allocates each session's run state on its first call
+    (~10 MB for SmolLM2) and grows it with the rows of a call (~17 MB more over the 1.5B's 57
+    sessions at 64 rows), which belongs in the measured resident cost rather than surprising
+    the budget later. The head runs on one row per prompt."""
+    layers = [net.first, *(getattr(net, "segments", None) or [*net.pre_ffn, *net.post_ffn])]
+    for rows, segs in ((1, [*net.head_slices, *(vocab.slices if vocab else [])]),
+                       (1, layers), (chunk, layers)):
+        for seg in segs:
+            widths = getattr(seg, "input_widths", None)
+            if widths is not None:
+                seg(*[np.zeros((rows, w), np.float32) for w in widths])
 
 
 @dataclass
@@ -271,7 +274,7 @@ def load_model(path, options: LoadOptions) -> LoadedModel:
            if manifest is not None else None)
     net = build_model(f, backend, config, ffn=ffn, head=not on_flash,
                       embed_rows=vocab.embed_rows if vocab else None)
-    warm_segments(net, vocab)
+    warm_segments(net, vocab, rt.prefill_chunk)
     f.release_pages()
     release_freed_memory()
     # What the resident part costs in RSS: weights as ONNX Runtime holds them (Q4_1 ~1.4x

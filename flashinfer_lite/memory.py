@@ -37,6 +37,8 @@ def parse_budget(budget, model_bytes: int) -> int | None:
     if not m or m.group(2).lower() not in _UNITS:
         raise InvalidArgumentError(
             f"memory_budget must look like '300MB', '1.5GB' or 0.5; got {budget!r}")
+    if not m.group(2) and float(m.group(1)) <= 1:  # "0.5": a fraction, as the CLI reads it
+        return parse_budget(float(m.group(1)), model_bytes)
     value = float(m.group(1)) * _UNITS[m.group(2).lower()]
     if value <= 0:
         raise InvalidArgumentError(f"memory_budget must be positive; got {budget!r}")

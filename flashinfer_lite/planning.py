@@ -73,10 +73,10 @@ def pool_plan(budget: int | None, resident_bytes: int, net, layout, kv: KVOption
     kv_reserve = sum(c.bytes_at(kv_tokens, chunk) for c in make_layer_caches(net, kv.spec))
     ring = FlashFFN.LOOKAHEAD + 1 if flash.prefetch and flash.mode == "ours" else 0
     # staging: the bundle reads (+ the lookahead ring) and the gate's ring of two layers; and
-    # a prompt chunk's (T, ffn) float32 arrays in the FFN (gate/score, activation, the dense
-    # path's blocks): 27 MB for the 1.5B's 256-token chunks
+    # a row block's (T, ffn) float32 arrays in the FFN (gate/score, activation, the dense
+    # path's blocks): 7 MB on the 1.5B
     staging = (layout.section * (1 + ring) + 2 * layout.gate_section
-               + PREFILL_ROW_ARRAYS * min(chunk, n_ctx) * layout.ffn_dim * 4)
+               + PREFILL_ROW_ARRAYS * FlashFFN.ROW_BLOCK * layout.ffn_dim * 4)
     return plan(budget, resident_bytes, kv_reserve, kv_tokens, staging,
                 FlashFFN.bytes_per_neuron(layout), net.cfg.n_layers, net.cfg.ffn_dim,
                 layout.gate_bytes)

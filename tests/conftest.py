@@ -25,9 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "flashinfer_lite.cli.main"]
 
 
-def run_cli(*args, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          **kw)
+def run_cli(*args, timeout: int = 300, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, **kw)
 
 
 def pytest_addoption(parser):

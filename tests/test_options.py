@@ -144,3 +144,15 @@ def test_stats_lines_are_readable():
 def test_options_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         KVOptions().kind = "q4"
+
+
+def test_budget_strings_read_as_the_cli_reads_them():
+    """'0.5' is half the file in the API as on the command line; units and plain integers
+    are bytes."""
+    from flashinfer_lite.memory import parse_budget
+
+    size = 1_117_320_768
+    assert parse_budget("0.5", size) == parse_budget(0.5, size) == size // 2
+    assert parse_budget("1", size) == size
+    assert parse_budget("560MB", size) == 560_000_000
+    assert parse_budget("300000000", size) == 300_000_000

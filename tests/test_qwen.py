@@ -53,3 +53,23 @@ def test_first_position_against_float64(qwen05):
         ref = first_position_logits(m.path, token)
         assert int(ours.argmax()) == int(ref.argmax())
         assert np.abs(ours - ref).max() < 1.0, np.abs(ours - ref).max()
+
+
+@pytest.mark.slow
+def test_cli_generates_in_half_the_file_from_flash():
+    """`generate -m qwen2.5-coder-0.5b --memory-budget 0.5` as a user runs it: the model goes
+    to the flash format (gate, up and down on flash; the gate's Q5_0 rows multiplied as they
+    are), writes code, and its reads are counted; the planner's split fits the budget."""
+    import json
+
+    from conftest import run_cli
+
+    r = run_cli("generate", "-m", "qwen2.5-coder-0.5b", "--memory-budget", "0.5", "-n", "24",
+                "-p", "Write a Python function that returns the square of x.", "--json",
+                timeout=900)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert "def " in out["text"], out["text"]
+    s = out["stats"]
+    assert s["flash_bytes_read"] > 0 and s["gate_bytes_read"] > 0
+    assert s["ffn_active_fraction"] < 1
