@@ -39,7 +39,13 @@ from .memory import (
 )
 from .models import build_model
 from .models.common import CausalLM
-from .options import FlashOptions, LoadOptions, VocabOptions
+from .options import (
+    DEFAULT_CHUNK,
+    FLASH_BUDGET_CHUNK,
+    FlashOptions,
+    LoadOptions,
+    VocabOptions,
+)
 from .planning import kv_reserve_bytes, needs_flash, pool_plan, vocab_needs_flash
 from .tokenizer import Tokenizer
 from .vocab.head import TwoStageHead
@@ -188,6 +194,7 @@ class LoadedModel:
     vocab: VocabOnFlash | None
     plan: Plan | None  # when the planner sized the neuron pools
     resident_rss_bytes: int  # what the resident part costs in RSS, as measured
+    prefill_chunk: int  # prompt tokens per forward pass (options.RuntimeOptions says how)
     load_s: float
 
     @property
@@ -258,12 +265,14 @@ def load_model(path, options: LoadOptions) -> LoadedModel:
     budget = parse_budget(rt.memory_budget, model_bytes)
     if budget is not None:
         limit_heap_retention()  # freed temporaries leave RSS (memory.py says why)
-    reserve = kv_reserve_bytes(backend, config, kv, n_ctx, rt.prefill_chunk)
+    reserve = kv_reserve_bytes(backend, config, kv, n_ctx, rt.prefill_chunk or DEFAULT_CHUNK)
     if manifest is None and (fo.ffn_share is not None or options.vocab.on_flash
                              or needs_flash(budget, model_bytes, reserve)):
         path = ensure_converted(path, progress=rt.progress or progress_line)
         manifest = open_flash_dir(path)
         f = GGUFFile(manifest.resident_path)
+    chunk = rt.prefill_chunk or (FLASH_BUDGET_CHUNK if manifest is not None and budget
+                                 else DEFAULT_CHUNK)
     tokenizer = Tokenizer(f.path)
     on_flash = options.vocab.on_flash
     if on_flash is None:
@@ -274,7 +283,7 @@ def load_model(path, options: LoadOptions) -> LoadedModel:
            if manifest is not None else None)
     net = build_model(f, backend, config, ffn=ffn, head=not on_flash,
                       embed_rows=vocab.embed_rows if vocab else None)
-    warm_segments(net, vocab, rt.prefill_chunk)
+    warm_segments(net, vocab, chunk)
     f.release_pages()
     release_freed_memory()
     # What the resident part costs in RSS: weights as ONNX Runtime holds them (Q4_1 ~1.4x
@@ -285,11 +294,11 @@ def load_model(path, options: LoadOptions) -> LoadedModel:
     plan = None
     if ffn is not None:
         plan = pool_plan(budget, resident, net, manifest.layout, kv, fo, n_ctx,
-                         rt.prefill_chunk)
+                         chunk)
         if plan is None:  # a fixed pool share: the gate is held whole
             ffn.open(max(1, round(fo.ffn_share * config.ffn_dim)))
         else:
             ffn.open(plan.capacity, plan.gate_rows)
     release_freed_memory()  # the flash setup's temporaries (the mapped file is untouched)
     return LoadedModel(path, f, config, tokenizer, backend, threads, net, n_ctx, budget, ffn,
-                       vocab, plan, resident, time.perf_counter() - t0)
+                       vocab, plan, resident, chunk, time.perf_counter() - t0)

@@ -44,7 +44,7 @@ class Model:
     def __init__(self, path: Path, options: LoadOptions | None = None, **kwargs):
         """options and/or fl.load's keywords (options.py): the keywords win."""
         self.options = LoadOptions.from_kwargs(**{**vars(options or LoadOptions()), **kwargs})
-        rt, kv = self.options.runtime, self.options.kv
+        kv = self.options.kv
         self._parts = parts = load_model(path, self.options)
         self.path, self.config, self.tokenizer = parts.path, parts.config, parts.tokenizer
         self.backend, self.threads = parts.backend, parts.threads
@@ -52,7 +52,7 @@ class Model:
         self.resident_rss_bytes, self.load_s = parts.resident_rss_bytes, parts.load_s
         self.filter_options = self.options.filter
         resolve_layer(self.filter_options, self.config)  # a bad filter_layer fails at load
-        self.prefill_chunk, self.kv_spec, self.kv_cache = rt.prefill_chunk, kv.spec, kv.kind
+        self.prefill_chunk, self.kv_spec, self.kv_cache = parts.prefill_chunk, kv.spec, kv.kind
         self.limits = ContextLimits(self.n_ctx, self.kv_spec.bounded, kv.kind,
                                     self.prefill_chunk, self.memory_budget, parts.held_bytes)
         self.runner = Runner(parts.net, parts.head, self.prefill_chunk, self.limits)

@@ -80,6 +80,10 @@ def with_kwargs(options, kwargs: dict):
     return dataclasses.replace(options, **given) if given else options
 
 
+DEFAULT_CHUNK = 256
+FLASH_BUDGET_CHUNK = 128
+
+
 @dataclass(frozen=True)
 class RuntimeOptions:
     """Where and how the model runs."""
@@ -87,7 +91,9 @@ class RuntimeOptions:
     backend: str = "auto"
     threads: int | None = None  # None: the physical cores
     ctx_size: int | None = None  # None: the model's context length
-    prefill_chunk: int = 256  # prompt tokens per forward pass
+    # prompt tokens per forward pass; None: DEFAULT_CHUNK, or FLASH_BUDGET_CHUNK for a model on
+    # flash under a memory budget (a chunk's attention scores and FFN arrays scale with it)
+    prefill_chunk: int | None = None
     # "300MB", "1.5GB", bytes, or a fraction of the model file; None: no budget
     memory_budget: str | int | float | None = None
     # progress(step, total, what) while a first load converts the model (None: a bar on stderr)
@@ -98,7 +104,7 @@ class RuntimeOptions:
                  self.backend)
         _int_at_least("threads", self.threads, 1, optional=True)
         _int_at_least("ctx_size", self.ctx_size, 1, optional=True)
-        _int_at_least("prefill_chunk", self.prefill_chunk, 1)
+        _int_at_least("prefill_chunk", self.prefill_chunk, 1, optional=True)
         parse_budget(self.memory_budget, 1)  # its form only: fractions need the file's size
 
     @property

@@ -26,6 +26,10 @@ DENSE_RSS_PER_FILE_BYTE = 1.9
 RESIDENT_RSS_PER_FILE_BYTE = 2.0
 # (T, ffn) float32 arrays a prompt chunk holds at once in the flash FFN (flash/ffn.py)
 PREFILL_ROW_ARRAYS = 3
+# a prompt chunk's attention: scores, their exponentials and weights (H, T, keys) float32, keys
+# taken ATTENTION_BLOCK at a time (kernels/prefill_attention.py)
+ATTENTION_COPIES = 3
+ATTENTION_BLOCK = 1024
 # share of the FFN bundles the pools should hold for the head to stay resident
 POOL_SHARE_BESIDE_HEAD = 0.25
 
@@ -72,11 +76,15 @@ def pool_plan(budget: int | None, resident_bytes: int, net, layout, kv: KVOption
     kv_tokens = min(kv.reserve_tokens, n_ctx)
     kv_reserve = sum(c.bytes_at(kv_tokens, chunk) for c in make_layer_caches(net, kv.spec))
     ring = FlashFFN.LOOKAHEAD + 1 if flash.prefetch and flash.mode == "ours" else 0
-    # staging: the bundle reads (+ the lookahead ring) and the gate's ring of two layers; and
-    # a row block's (T, ffn) float32 arrays in the FFN (gate/score, activation, the dense
-    # path's blocks): 7 MB on the 1.5B
+    # staging: the bundle reads (+ the lookahead ring) and the gate's ring of two layers; and a
+    # prompt chunk's transients: its (T, ffn) float32 arrays in the FFN (gate/score,
+    # activation, the dense path's blocks) and its attention scores (heads x T x up to a
+    # block of keys, a few copies): 14 + 19 MB on the 1.5B at 128-token chunks
+    rows = min(chunk, n_ctx, FlashFFN.ROW_BLOCK)
     staging = (layout.section * (1 + ring) + 2 * layout.gate_section
-               + PREFILL_ROW_ARRAYS * FlashFFN.ROW_BLOCK * layout.ffn_dim * 4)
+               + PREFILL_ROW_ARRAYS * rows * layout.ffn_dim * 4
+               + ATTENTION_COPIES * net.cfg.n_heads * min(chunk, n_ctx)
+               * min(kv_tokens, ATTENTION_BLOCK) * 4)
     return plan(budget, resident_bytes, kv_reserve, kv_tokens, staging,
                 FlashFFN.bytes_per_neuron(layout), net.cfg.n_layers, net.cfg.ffn_dim,
                 layout.gate_bytes)
