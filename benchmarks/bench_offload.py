@@ -11,10 +11,11 @@ Configurations, each in its own child process with the page cache dropped first:
              off: classic offloading, the baseline the budgets are compared with
   <f>        memory_budget = f x the GGUF's size: the planner's split (gate rows held, pools,
              vocabulary on flash), drafts as the API defaults them (prompt lookup, 8 tokens)
-  <f>-nodraft  the same without drafts (the edit workload: same greedy output?)
-Workloads (chat-templated, greedy): fresh (write a new function; ~60-token prompt) and edit
-(rename a class in ~1.5k tokens of code the answer repeats). benchmarks/bench_speculative.py
-holds their messages.
+             (a budget below the floor is recorded with the planner's refusal)
+  <f>-nodraft  the same without drafts (the edit workloads: same greedy output?)
+Workloads (chat-templated, greedy; benchmarks/bench_speculative.py holds their messages):
+fresh (write a new function; ~40-token prompt), edit (rename a class in ~1.5k tokens of code
+the answer repeats), edit_small (add type hints to a quoted class, ~0.5k tokens).
 
 Per generated token (decode only; prefill is reported as TTFT): tok/s, flash bytes and reads
 (exact counts, gate rows included), mean read size, achieved MB/s of the bundle reads against
@@ -87,8 +88,12 @@ def child(model: str, config: str, workload: str, max_tokens: int, threads: int)
     else:
         _drop_cache(flash_dir)
         frac = 0.5 if config == "naive" else float(config.split("-")[0])
-        m = fl.load(flash_dir, threads=threads, memory_budget=int(frac * size),
-                    ffn_mode="naive" if config == "naive" else "ours")
+        try:
+            m = fl.load(flash_dir, threads=threads, memory_budget=int(frac * size),
+                        ffn_mode="naive" if config == "naive" else "ours")
+        except fl.BudgetError as exc:  # below the floor: a result, not a failure
+            print(json.dumps({"config": config, "workload": workload, "refused": str(exc)}))
+            return
     ids = m.apply_chat_template(workloads()[workload])
     kw = {} if drafts is None else {"num_draft_tokens": drafts}
     t0 = time.perf_counter()
@@ -176,8 +181,8 @@ def plot(report: dict, out: Path) -> None:
         print("matplotlib not installed: no plot")
         return
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for wl, marker in (("fresh", "o-"), ("edit", "s-")):
-        rows = sorted((r for r in report["runs"] if r["workload"] == wl
+    for wl, marker in (("fresh", "o-"), ("edit", "s-"), ("edit_small", "^-")):
+        rows = sorted((r for r in report["runs"] if r["workload"] == wl and "refused" not in r
                        and r["config"][0].isdigit() and not r["config"].endswith("nodraft")),
                       key=lambda r: float(r["config"]))
         if rows:
@@ -232,12 +237,15 @@ def main():
     report["runs"] = []
     configs = ["naive", *map(str, a.budgets), "resident"]
     for wl in a.workloads:
-        extra = ["0.5-nodraft"] if wl == "edit" and 0.5 in a.budgets else []
+        extra = ["0.5-nodraft"] if wl.startswith("edit") and 0.5 in a.budgets else []
         for cfg in configs + extra:
             r = run(["--child", cfg, wl, "--model", a.model, "--max-tokens",
                      str(a.max_tokens), "--threads", str(a.threads)])
             report["runs"].append(r)
             out.write_text(json.dumps(report, indent=2))
+            if "refused" in r:
+                print(f"{wl:>5} {cfg:>12}: {r['refused']}", flush=True)
+                continue
             mb = (r.get("flash_bytes_read_per_token") or 0) / 1e6
             print(f"{wl:>5} {cfg:>12}: {r['decode_tokens_per_s']:.2f} tok/s, "
                   f"{mb:.0f} MB/token from flash, peak RSS over baseline "
