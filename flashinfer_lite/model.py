@@ -115,20 +115,13 @@ class Model:
 
     def prompt_memory(self, prompt: str | Sequence[int], **filter_overrides) -> PromptMemory:
         """What running prompt would hold beyond the loaded model (its KV cache, GemFilter's
-        pass 1, activations), as the budget check counts it; filter_overrides as stream's.
-        Raises KVBudgetError, naming what would make it fit, when it does not fit the budget."""
+        pass 1 when it would be filtered, activations), as the budget check counts it;
+        filter_overrides as stream's. `prompt_budget.fits(...)` says whether it fits."""
         ids = self._check_ids(self.tokenize(prompt) if isinstance(prompt, str) else prompt)
         options = self._filter_options(filter_overrides)
         with self._lock:
-            return self._plan_prompt(len(ids), options)[1]
-
-    def _plan_prompt(self, n_tokens: int, options: FilterOptions) -> tuple[bool, PromptMemory]:
-        """Whether a prompt of n_tokens is filtered, and its memory (checked against the
-        budget: filter/budget.py)."""
-        filtered = self.prompt_budget.filters(options, n_tokens)
-        layer = resolve_layer(options, self.config)
-        return filtered, self.prompt_budget.check(n_tokens, options, layer, filtered,
-                                                  self.prompt_cache.nbytes)
+            return self.prompt_budget.plan(len(ids), options, resolve_layer(options, self.config),
+                                           self.prompt_cache.nbytes)
 
     def reset(self) -> None:
         """Forget the KV cache (the next call prefills from scratch)."""
@@ -264,9 +257,12 @@ class Model:
             stats = GenerationStats(self.backend.name, len(ids),
                                     resident_bytes=self.resident_bytes)
             try:
-                filtered, stats.prompt_memory = self._plan_prompt(len(ids), options)
-                if filtered:
-                    stats.filtered = self.filter_prompt(ids, options.keep, options.layer)
+                layer = resolve_layer(options, self.config)
+                mem = self.prompt_budget.plan(len(ids), options, layer, self.prompt_cache.nbytes)
+                self.prompt_budget.check(mem, options, layer)  # before anything runs
+                stats.prompt_memory = mem
+                if mem.filtered:
+                    stats.filtered = self.filter_prompt(ids, options.keep, layer)
                     ids = stats.filtered.kept_ids  # pass 2 runs these from position 0
                 reused = self.prompt_cache.reuse(ids)
                 if reused is None:  # a bounded cache had dropped positions it would need

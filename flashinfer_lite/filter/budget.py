@@ -147,29 +147,35 @@ class PromptBudget:
         fits = self.fits(self.memory(n_tokens, None, options.keep))
         return options.applies(n_tokens, fits_unfiltered=fits)
 
-    def check(self, n_tokens: int, options: FilterOptions, layer: int, filtered: bool,
-              held_cache_bytes: int = 0) -> PromptMemory:
-        """The prompt's memory as it will run; KVBudgetError when it does not fit the budget,
-        naming what would make it fit (a q4 cache, the token filter, both, a larger budget)."""
-        mem = self.memory(n_tokens, layer if filtered else None, options.keep,
-                          held_cache_bytes)
+    def plan(self, n_tokens: int, options: FilterOptions, layer: int,
+             held_cache_bytes: int = 0) -> PromptMemory:
+        """A prompt of n_tokens as it would run: filtered or not (auto decided here), its
+        memory counted beside held_cache_bytes of prompt cache."""
+        filtered = self.filters(options, n_tokens)
+        return self.memory(n_tokens, layer if filtered else None, options.keep,
+                           held_cache_bytes)
+
+    def check(self, mem: PromptMemory, options: FilterOptions, layer: int) -> None:
+        """KVBudgetError when mem does not fit the budget, naming what would make it fit
+        (a q4 cache, the token filter, both, a larger budget)."""
         if self.fits(mem):
-            return mem
+            return
         need = mem.beyond_working_bytes
         held, budget = self.limits.held_bytes, self.limits.budget
         options_that_fit = []
-        for label, spec, filt in self._alternatives(filtered, n_tokens, options.keep):
-            alt = self.memory(n_tokens, layer if filt else None, options.keep,
-                              held_cache_bytes, spec)
+        for label, spec, filt in self._alternatives(mem.filtered, mem.tokens, options.keep):
+            alt = self.memory(mem.tokens, layer if filt else None, options.keep,
+                              mem.held_cache_bytes, spec)
             if self.fits(alt):
                 options_that_fit.append(
                     f"{label} (needs {format_bytes(alt.beyond_working_bytes)})")
         hint = "; it would fit with " + ", or ".join(options_that_fit) if options_that_fit else ""
         raise KVBudgetError(
-            f"a prompt of {n_tokens} tokens needs {format_bytes(need)} ({mem.describe()}); the "
-            f"memory budget of {format_bytes(budget)} leaves {format_bytes(max(self.room, 0))} "
-            f"after {format_bytes(held)} of weights and working memory{hint}; or give a "
-            f"memory_budget of at least {format_bytes(held + need)}")
+            f"a prompt of {mem.tokens} tokens needs {format_bytes(need)} ({mem.describe()}); "
+            f"the memory budget of {format_bytes(budget)} leaves "
+            f"{format_bytes(max(self.room, 0))} after {format_bytes(held)} of weights and "
+            f"working memory{hint}; or give a memory_budget of at least "
+            f"{format_bytes(held + need)}")
 
     def _alternatives(self, filtered: bool, n_tokens: int, keep: int):
         """(option text, KV spec, filtered) of the options a user can change to fit."""
