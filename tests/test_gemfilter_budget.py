@@ -139,3 +139,68 @@ def test_q4_pass1_is_compact_and_fits_where_f16_does_not(smollm2_path, budgeted)
     keys = 2 * n * c.n_kv_heads * c.head_dim + 4 * n * c.n_kv_heads * c.head_dim
     assert q4f.pass1_bytes - keys < 0.4 * (f16.pass1_bytes - keys)  # the caches, compact
     np.testing.assert_array_equal(ran.kept[-8:], np.arange(n - 8, n))  # the question, kept
+
+
+# ---- chat: a long pasted file in the first turn, questions after it ------------------------------
+def pasted_file(n_funcs: int) -> str:
+    """A Python module of small functions with two constants inside (DATABASE_PORT a third of
+    the way in, OWNER_EMAIL at three quarters)."""
+    lines = ['"""Warehouse inventory helpers."""', "", "import math", ""]
+    for i in range(n_funcs):
+        if i == n_funcs // 4:
+            lines += ["DATABASE_PORT = 48213", ""]
+        if i == 3 * n_funcs // 4:
+            lines += ['OWNER_EMAIL = "rosa@example.org"', ""]
+        lines += [f"def shelf_{i}(count):", f'    """Units on shelf {i}."""',
+                  f"    return count * {i % 9 + 2} + {i % 5}", ""]
+    return "\n".join(lines)
+
+
+def chat_turns(m, doc: str, questions, **opts):
+    """The file pasted in the first user turn, then one question per turn; yields (reply,
+    the raw history's ids, stats) per turn."""
+    msgs = [{"role": "user", "content": "Here is a file:\n```python\n" + doc + "\n```\n"
+             + questions[0]}]
+    for i, _ in enumerate(questions):
+        if i:
+            msgs.append({"role": "user", "content": questions[i]})
+        reply = m.chat(msgs, **opts)
+        yield reply, m.apply_chat_template(msgs), m.stats
+        msgs.append({"role": "assistant", "content": reply})
+
+
+def test_chat_with_a_pasted_file_refilters_every_turn(smollm2):
+    m, keep = smollm2, 128
+    m.reset()
+    questions = ["What does the file do?", "What is DATABASE_PORT set to?",
+                 "Which function is last?"]
+    before = 0
+    for turn, (_, raw, s) in enumerate(chat_turns(m, pasted_file(24), questions, max_tokens=4,
+                                                  token_filter="gemfilter", filter_keep=keep)):
+        assert s["filter_tokens_before"] == len(raw) > before  # the whole raw history
+        before = len(raw)
+        assert s["filter_tokens_after"] == keep
+        kept = m.filter_prompt(raw, keep=keep).kept_ids
+        assert cache_state(m).ids[:keep] == kept  # pass 2 ran this turn's selection
+        text = m.detokenize(kept)
+        assert text.rstrip().endswith("assistant")  # the reply's header, after the question
+        assert questions[turn] in text  # this turn's question, whole
+        start = m.tokenize("<|im_start|>", add_bos=False)
+        assert len(start) == 1 and m.control_tokens[start[0]]
+        assert kept.count(start[0]) == raw.count(start[0]) >= 2 + turn  # every turn's header
+        if turn:  # the pasted file is the first turn's: its start stays cached
+            assert s["prompt_tokens_reused"] > 0
+
+
+@pytest.mark.slow  # the Qwen 0.5B, three filtered turns of ~3k tokens
+def test_qwen_answers_questions_on_a_pasted_file_in_later_turns():
+    m = fl.load("qwen2.5-coder-0.5b", threads=2)
+    questions = ["Read it; I will ask about it.", "What is DATABASE_PORT set to in the file?",
+                 "What is OWNER_EMAIL in the file?"]
+    turns = list(chat_turns(m, pasted_file(120), questions, max_tokens=24,
+                            token_filter="gemfilter", filter_keep=512))
+    for _, raw, s in turns:
+        assert s["filter_tokens_before"] == len(raw) > 3000
+        assert s["filter_tokens_after"] == 512
+    assert "48213" in turns[1][0], turns[1][0]
+    assert "rosa@example.org" in turns[2][0], turns[2][0]
