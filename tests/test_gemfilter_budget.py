@@ -56,10 +56,10 @@ def test_prompt_memory_counts_cache_pass1_and_activations(budgeted):
     assert full.kv_bytes == m.kv_bytes_needed(n) >= n * c.n_layers * 2 * c.n_kv_heads \
         * c.head_dim * 2  # float16 keys and values of every layer
     assert full.pass1_bytes == 0 and full.held_cache_bytes == 0
-    # a 256-row chunk: its FFN (3 x 1536 wide) alone is 4.7 MB of float32; one attention
-    # block of 9 heads x 256 queries x 1,024 keys, scores and probabilities, 18.9 MB
-    assert full.activation_bytes == activation_bytes(c, 256, n)
-    assert 23e6 < full.activation_bytes < 30e6
+    # a 256-row chunk's attention over one 1,024-position block, the larger of its two phases:
+    # 9 heads' scores and their masked copy, float32, and 3 KV heads' keys and values
+    assert full.activation_bytes == activation_bytes(c, 256, n) \
+        == 4 * (2 * 9 * 256 * 1024 + 2 * 3 * 1024 * 64)
     # pass 1 as counted is what a real pass 1 holds at its end, plus the scoring block
     flt = m.prompt_memory(ids, token_filter="gemfilter", filter_keep=KEEP, filter_layer=LAYER)
     assert (flt.kept, flt.layer) == (KEEP, LAYER) and flt.kv_bytes == m.kv_bytes_needed(KEEP)

@@ -31,15 +31,17 @@ SCORE_BLOCK = 8192  # keys GemFilter.scores converts to float32 at a time
 
 
 def activation_bytes(cfg, chunk: int, context: int) -> int:
-    """A prefill chunk's float32 temporaries, from the shapes: the residual stream and norms
-    (3 x d), q/k/v, the FFN's gate, up and product (3 x ffn), and one attention block's
-    scores and probabilities (2 x heads x chunk x BLOCK) with its keys and values in float32
-    (kernels/prefill_attention.py converts the cache a BLOCK of positions at a time)."""
+    """A prefill chunk's float32 temporaries at their largest, from the shapes. An ONNX Runtime
+    segment's (the residual stream and norms, 3 x d; q/k/v; the FFN's gate, up and product,
+    3 x ffn) and the attention's (kernels/prefill_attention.py: one BLOCK of positions' scores,
+    masked, 2 x heads x chunk x BLOCK, with its keys and values in float32) are not live at
+    once: the sessions run without a memory arena, so each run frees its intermediates."""
     rows = min(chunk, context)
-    width = 3 * cfg.d_model + (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim + 3 * cfg.ffn_dim
+    segment = rows * (3 * cfg.d_model + (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
+                      + 3 * cfg.ffn_dim)
     block = min(context, BLOCK)
     attention = 2 * cfg.n_heads * rows * block + 2 * cfg.n_kv_heads * block * cfg.head_dim
-    return 4 * (rows * width + attention)
+    return 4 * max(segment, attention)
 
 
 @dataclass(frozen=True)
