@@ -58,7 +58,8 @@ class Model:
                                     self.prefill_chunk, self.memory_budget, parts.held_bytes)
         self.runner = Runner(parts.net, parts.head, self.prefill_chunk, self.limits)
         self.prompt_budget = PromptBudget(self.config, self._make_caches, self.kv_spec,
-                                          self.prefill_chunk, self.limits)
+                                          self.prefill_chunk, self.limits,
+                                          pools_from_budget=self.plan is not None)
         self.prompt_cache = self.make_prompt_cache()
         self._chat = ChatFormat(parts.file, self.config.architecture, self.config.vocab_size,
                                 self.tokenizer)

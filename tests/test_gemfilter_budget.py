@@ -141,6 +141,23 @@ def test_q4_pass1_is_compact_and_fits_where_f16_does_not(smollm2_path, budgeted)
     np.testing.assert_array_equal(ran.kept[-8:], np.arange(n - 8, n))  # the question, kept
 
 
+@pytest.mark.slow  # two flash models of their own
+def test_flash_model_is_told_the_kv_reserve_that_fits(smollm2_path):
+    """Under a budget that sends the FFN to flash, the pools take what the KV reserve leaves,
+    so the error names kv_reserve_tokens (a larger budget would go to the pools); with it,
+    the prompt runs."""
+    m = fl.load(smollm2_path, memory_budget="210MB", threads=2)
+    assert m.plan is not None  # the planner sized the pools
+    ids = prompt_of(m, 2000)
+    with pytest.raises(fl.KVBudgetError, match=r"kv_reserve_tokens=(\d+)") as err:
+        m.generate(ids, max_tokens=1)
+    reserve = int(str(err.value).rsplit("kv_reserve_tokens=", 1)[1])
+    assert "memory_budget of at least" not in str(err.value)
+    roomy = fl.load(smollm2_path, memory_budget="210MB", kv_reserve_tokens=reserve, threads=2)
+    assert roomy.kv_budget_bytes() > m.kv_budget_bytes()
+    assert roomy.generate(ids, max_tokens=2) is not None
+
+
 # ---- chat: a long pasted file in the first turn, questions after it ------------------------------
 def pasted_file(n_funcs: int) -> str:
     """A Python module of small functions with two constants inside (DATABASE_PORT a third of

@@ -91,12 +91,14 @@ class PromptBudget:
     """One model's prompts against its memory budget.
 
     make_caches(spec): an empty KV cache per layer of that kind (counted, never filled);
-    limits: planning.ContextLimits (the budget, what the model holds besides its KV cache)."""
+    limits: planning.ContextLimits (the budget, what the model holds besides its KV cache);
+    pools_from_budget: the planner gave the neuron pools what the budget left after a KV
+    reserve of kv_reserve_tokens (a larger budget alone would go to the pools)."""
 
     def __init__(self, cfg, make_caches: Callable[[KVSpec], list], spec: KVSpec, chunk: int,
-                 limits):
+                 limits, pools_from_budget: bool = False):
         self.cfg, self.make_caches, self.spec, self.chunk = cfg, make_caches, spec, chunk
-        self.limits = limits
+        self.limits, self.pools_from_budget = limits, pools_from_budget
         self._caches: dict[KVSpec, list] = {}
 
     def _counted(self, spec: KVSpec) -> list:
@@ -172,12 +174,22 @@ class PromptBudget:
                 options_that_fit.append(
                     f"{label} (needs {format_bytes(alt.beyond_working_bytes)})")
         hint = "; it would fit with " + ", or ".join(options_that_fit) if options_that_fit else ""
+        if self.pools_from_budget:  # the pools shrink to leave a larger reserve
+            room = f"kv_reserve_tokens={self.reserve_tokens_for(need)}"
+        else:
+            room = f"a memory_budget of at least {format_bytes(held + need)}"
         raise KVBudgetError(
             f"a prompt of {mem.tokens} tokens needs {format_bytes(need)} ({mem.describe()}); "
             f"the memory budget of {format_bytes(budget)} leaves "
             f"{format_bytes(max(self.room, 0))} after {format_bytes(held)} of weights and "
-            f"working memory{hint}; or give a memory_budget of at least "
-            f"{format_bytes(held + need)}")
+            f"working memory{hint}; or give {room}")
+
+    def reserve_tokens_for(self, need: int) -> int:
+        """The fewest KV reserve tokens (a multiple of 256) whose reserve holds `need` bytes."""
+        n = 256
+        while self.kv_bytes(n) < need and n < 1 << 24:
+            n += 256
+        return n
 
     def _alternatives(self, filtered: bool, n_tokens: int, keep: int):
         """(option text, KV spec, filtered) of the options a user can change to fit."""
