@@ -77,6 +77,26 @@ def test_protected_raw_prompt_keeps_last_line():
     assert np.flatnonzero(mask).tolist() == [17, 18, 19]  # capped
 
 
+# ---- the filter layer ----
+def test_default_filter_layer_comes_from_the_measurement(smollm2):
+    import dataclasses
+    from pathlib import Path
+
+    from flashinfer_lite.filter import default_filter_layer
+    from flashinfer_lite.filter.gemfilter import MEASURED_FILTER_LAYERS
+
+    cfg = smollm2.config
+    assert default_filter_layer(cfg) == 12  # 40% of 30 layers: not measured
+    qwen = dataclasses.replace(cfg, architecture="qwen2", n_layers=24)
+    assert default_filter_layer(qwen) == MEASURED_FILTER_LAYERS[("qwen2", 24)] == 9
+    # the committed run: layer 9 is the first from which every deeper layer kept the whole key
+    path = Path(__file__).parents[1] / "benchmarks/results/gemfilter_qwen2.5-coder-0.5b.json"
+    rows = [r for acc in json.loads(path.read_text())["accuracy"].values() for r in acc["rows"]]
+    recall = np.array([r["recall"]["1024"] for r in rows])  # (prompts, layers)
+    assert len(rows) >= 4 and recall.shape[1] == 24
+    assert (recall[:, 9:] == 1).all() and (recall[:, 8] < 1).any()
+
+
 # ---- options ----
 @pytest.mark.parametrize("kw", [dict(mode="magic"), dict(mode="gemfilter", keep=0),
                                 dict(mode="auto", keep=True), dict(mode="auto", threshold=-1),
