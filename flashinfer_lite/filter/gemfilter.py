@@ -31,11 +31,11 @@ STRUCTURE_SPAN = 4  # tokens after a control token that may hold its role line (
 
 
 # Filter layers measured by needle recall (benchmarks/bench_gemfilter.py, results/
-# gemfilter_<model>.json): the first layer from which every deeper layer kept the whole pass
-# key among the 1,024 tokens kept, in every prompt measured. Keyed by (architecture, layers):
-# models of one family and depth share it.
+# gemfilter_<model>.json): the earliest layer that kept the whole pass key among the 1,024
+# tokens kept in every prompt measured. Keyed by (architecture, layers): models of one family
+# and depth share it.
 MEASURED_FILTER_LAYERS = {
-    ("qwen2", 24): 9,  # Qwen2.5-Coder 0.5B: 4k and 8k tokens, key at depths 0.1-0.9
+    ("qwen2", 24): 9,  # Qwen2.5-Coder 0.5B: 5 prompts, 4k and 8k tokens, depths 0.1-0.9
 }
 
 
