@@ -2,11 +2,14 @@
 before it runs (filter/budget.py), the clear error of a prompt that cannot fit, and what
 token_filter="auto" chooses from the prompt's length and the budget."""
 
+import io
+
 import numpy as np
 import pytest
 from conftest import cache_state
 
 import flashinfer_lite as fl
+from flashinfer_lite.cli.chat_loop import read_block, run_chat
 from flashinfer_lite.filter import FilterOptions
 from flashinfer_lite.filter.budget import SCORE_BLOCK, activation_bytes
 from flashinfer_lite.flash.planner import WORKING_BYTES
@@ -221,3 +224,47 @@ def test_qwen_answers_questions_on_a_pasted_file_in_later_turns():
         assert s["filter_tokens_after"] == 512
     assert "48213" in turns[1][0], turns[1][0]
     assert "rosa@example.org" in turns[2][0], turns[2][0]
+
+
+def test_read_block_joins_the_lines_between_triple_quotes():
+    lines = iter(["def f():", "    return 1", '"""', "after"])
+    assert read_block('"""Here:', lambda: next(lines)) == "Here:\ndef f():\n    return 1"
+    assert next(lines) == "after"  # nothing read past the closing quotes
+    assert read_block('""" one line """', lambda: None) == " one line "
+    assert read_block("no quotes", lambda: None) == "no quotes"
+    lines = iter(["a", None])
+    assert read_block('"""', lambda: next(lines)) == "\na"  # unclosed: ends with the input
+    # a here-document ends only at its word: a file's docstrings stay inside
+    lines = iter(['"""Doc."""', "x = 1", "  END", "END", "after"])
+    assert read_block("<<END", lambda: next(lines)) == '"""Doc."""\nx = 1\n  END'
+    assert next(lines) == "after"
+
+
+class RecordingModel:
+    """A model whose chat histories are recorded as the chat loop passes them."""
+
+    def __init__(self, m):
+        self.m, self.histories = m, []
+
+    def __getattr__(self, name):
+        return getattr(self.m, name)
+
+    def stream_chat(self, history, **kw):
+        self.histories.append([dict(x) for x in history])
+        return self.m.stream_chat(history, **kw)
+
+
+def test_cli_chat_takes_a_pasted_file_as_one_turn_and_refilters(smollm2):
+    smollm2.reset()
+    m, doc = RecordingModel(smollm2), pasted_file(24)
+    assert '"""' in doc  # its docstrings: a triple-quoted block would end at the first
+    typed = f"<<EOF\nHere is a file:\n{doc}\nEOF\nWhat is DATABASE_PORT set to?\n/exit\n"
+    run_chat(m, None, 3, {"temperature": 0.0, "token_filter": "gemfilter", "filter_keep": 128},
+             stdin=io.StringIO(typed))
+    first, second = m.histories
+    assert first == [{"role": "user", "content": "Here is a file:\n" + doc}]
+    assert [t["role"] for t in second] == ["user", "assistant", "user"]
+    assert second[2]["content"] == "What is DATABASE_PORT set to?"
+    s = smollm2.generation_stats
+    assert s.filtered.tokens_before == len(smollm2.apply_chat_template(second)) > 128
+    assert s.filtered.tokens_after == 128
