@@ -78,7 +78,8 @@ def test_protected_raw_prompt_keeps_last_line():
 
 
 # ---- the filter layer ----
-def test_default_filter_layer_comes_from_the_measurement(smollm2):
+@pytest.mark.parametrize("model,layers", [("qwen2.5-coder-0.5b", 24), ("qwen2.5-coder-1.5b", 28)])
+def test_default_filter_layer_comes_from_the_measurement(smollm2, model, layers):
     import dataclasses
     from pathlib import Path
 
@@ -87,15 +88,17 @@ def test_default_filter_layer_comes_from_the_measurement(smollm2):
 
     cfg = smollm2.config
     assert default_filter_layer(cfg) == 12  # 40% of 30 layers: not measured
-    qwen = dataclasses.replace(cfg, architecture="qwen2", n_layers=24)
-    assert default_filter_layer(qwen) == MEASURED_FILTER_LAYERS[("qwen2", 24)] == 9
-    # the committed run: layer 9 is the earliest that kept the whole key in every prompt
-    path = Path(__file__).parents[1] / "benchmarks/results/gemfilter_qwen2.5-coder-0.5b.json"
+    qwen = dataclasses.replace(cfg, architecture="qwen2", n_layers=layers)
+    layer = default_filter_layer(qwen)
+    assert layer == MEASURED_FILTER_LAYERS[("qwen2", layers)]
+    # the committed run: the earliest layer that, with the next, kept the whole key in every
+    # prompt
+    path = Path(__file__).parents[1] / f"benchmarks/results/gemfilter_{model}.json"
     rows = [r for acc in json.loads(path.read_text())["accuracy"].values() for r in acc["rows"]]
     recall = np.array([r["recall"]["1024"] for r in rows])  # (prompts, layers)
-    assert len(rows) == 5 and recall.shape[1] == 24
+    assert len(rows) == 5 and recall.shape[1] == layers
     whole = (recall == 1).all(axis=0)  # (layers,)
-    assert np.flatnonzero(whole)[0] == 9
+    assert layer == next(r for r in range(layers - 1) if whole[r] and whole[r + 1])
 
 
 # ---- options ----
