@@ -1,7 +1,9 @@
-"""GemFilter on Gemma 3 270M: pass-key retrieval (full attention vs GemFilter k=1024 / 2048),
-needle recall by filter layer, and time to first token + peak RSS, full vs filtered.
+"""GemFilter (Gemma 3 270M by default): pass-key retrieval (full attention vs GemFilter
+k=1024 / 2048), needle recall by filter layer, and time to first token + peak RSS, full vs
+filtered.
 
-    python benchmarks/bench_gemfilter.py run [--lengths 2048 4096 8192 16384 32768]
+    python benchmarks/bench_gemfilter.py run [--model gemma3-270m]
+        [--lengths 2048 4096 8192 16384 32768]
         [--depths 0.1 0.3 0.5 0.7 0.9] [--trials 5] [--trials-at 16384=1 32768=1]
         [--depths-at 32768=0.5] [--speed-lengths 8192 16384 32768] [--keeps 1024 2048]
     python benchmarks/bench_gemfilter.py plot
@@ -16,7 +18,7 @@ pass 1 (`Model.filter_prompt`) on the first prompt of each length that runs it.
 Speed and memory: one fresh child process per (length, mode), alternating which mode goes first,
 so each peak RSS (VmHWM, reset after load and warm-up) belongs to one call.
 
-Writes benchmarks/results/gemfilter_gemma3-270m.json after every step, and .png on `plot`.
+Writes benchmarks/results/gemfilter_<model>.json after every step, and .png on `plot`.
 """
 
 from __future__ import annotations
@@ -206,7 +208,8 @@ def speed_child(n: int, mode: str, key: int, depth: float, keep: int) -> dict:
 def run_speed(n: int, order, key, depth, keep) -> list[dict]:
     rows = []
     for mode in order:
-        cmd = [sys.executable, __file__, "_child", "--length", str(n), "--mode", mode,
+        cmd = [sys.executable, __file__, "_child", "--model", MODEL, "--length", str(n),
+               "--mode", mode,
                "--key", str(key), "--depth", str(depth), "--keep", str(keep)]
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
         row = json.loads(res.stdout.strip().splitlines()[-1])
@@ -304,12 +307,12 @@ def plot(result: dict) -> None:
         ax[0].set_xlabel("prompt tokens")
         ax[0].set_ylabel("pass keys retrieved")
         ax[0].set_ylim(-0.05, 1.05)
-        ax[0].set_title("Needle in a haystack (Gemma 3 270M)")
+        ax[0].set_title(f"Needle in a haystack ({result['model']})")
         ax[0].legend()
         for n in lengths:
             curve = acc[str(n)]["summary"][f"k{keeps[0]}_recall_by_layer"]
             ax[1].plot(range(len(curve)), curve, "o-", label=f"{n} tokens")
-        ax[1].set_xlabel("filter layer r (5, 11, 17 global)")
+        ax[1].set_xlabel("filter layer r")
         ax[1].set_ylabel(f"key tokens in the top {keeps[0]}")
         ax[1].set_title("Needle recall by filter layer")
         ax[1].legend(fontsize=8)
@@ -338,9 +341,10 @@ def plot(result: dict) -> None:
 
 
 def main():
-    global OUT
+    global MODEL, OUT
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("what", choices=["run", "plot", "_child"])
+    p.add_argument("--model", default=MODEL)
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768])
     p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
     p.add_argument("--trials", type=int, default=5)
@@ -353,7 +357,8 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="skip steps already in the JSON")
     p.add_argument("--order", nargs="*", help="steps to run, in order: accuracy:N speed:N")
-    p.add_argument("--out", type=Path, default=OUT, help="the JSON to write (and the .png)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="the JSON to write (and the .png); default results/gemfilter_<model>.json")
     # _child
     p.add_argument("--length", type=int)
     p.add_argument("--mode", choices=["full", "filtered"])
@@ -361,8 +366,9 @@ def main():
     p.add_argument("--depth", type=float)
     p.add_argument("--keep", type=int, default=1024)
     args = p.parse_args()
-    OUT = args.out
-    args.out = str(args.out)
+    MODEL = args.model
+    OUT = args.out or RESULTS / f"gemfilter_{MODEL}.json"
+    args.out = str(OUT)
     if args.what == "_child":
         print(json.dumps(speed_child(args.length, args.mode, args.key, args.depth, args.keep)))
     elif args.what == "plot":

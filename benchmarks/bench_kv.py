@@ -32,7 +32,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 KINDS = ("f16", "q8", "q4")
 
 
-def write(name: str, args, result: dict) -> None:
+def write(name: str, args, result: dict, quiet: bool = False) -> None:
     RESULTS.mkdir(exist_ok=True)
     result = {"machine": platform.machine(), "python": platform.python_version(),
               "args": vars(args), **result}
@@ -40,8 +40,9 @@ def write(name: str, args, result: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(path)  # a run cut mid-write leaves the previous file whole
-    print(json.dumps(result, indent=1))
-    print(f"wrote {path}")
+    if not quiet:
+        print(json.dumps(result, indent=1))
+        print(f"wrote {path}")
 
 
 # ---- memory: one child per kind, so RSS belongs to one cache -------------------------------------
@@ -128,9 +129,10 @@ def cmd_speed(args):
 
 
 # ---- perplexity: the text scored chunk by chunk through the prompt path --------------------------
-def chunked_nll(m, ids, chunk: int) -> np.ndarray:
+def chunked_nll(m, ids, chunk: int, on_chunk=None) -> np.ndarray:
     """Negative log-likelihood of ids[1:], feeding ids through the model's prompt path in chunks
-    (so only one chunk's logits exist at a time: Gemma's are 1 MB per position)."""
+    (so only one chunk's logits exist at a time: Gemma's are 1 MB per position).
+    on_chunk(nll so far) after each chunk, so a long run cut short keeps what it scored."""
     from flashinfer_lite.evaluation import log_softmax
 
     m.reset()
@@ -142,6 +144,8 @@ def chunked_nll(m, ids, chunk: int) -> np.ndarray:
         lp = log_softmax(m.net.head(h))
         nxt = ids[a + 1 : a + 1 + len(part)]
         nll.append(-lp[np.arange(len(nxt)), nxt])
+        if on_chunk is not None:
+            on_chunk(np.concatenate(nll))
     return np.concatenate(nll)
 
 
@@ -159,18 +163,26 @@ def cmd_ppl(args):
     m = fl.load(args.model, threads=args.threads)
     ids = m.tokenize(topics_text())[: args.tokens]
     rows = {}
+    # kinds may run in separate processes (--kinds f16, --kinds q8, ...): one file each
+    name = "ppl_" + "_".join(k.replace("/", "g") for k in args.kinds)
     for kind in args.kinds:
         m.kv_spec = kind_spec(kind)
         t0 = time.perf_counter()
-        nll = chunked_nll(m, ids, 256)
-        rows[kind] = {"ppl": float(np.exp(nll.mean())),
-                      "ppl_last_half": float(np.exp(nll[len(nll) // 2 :].mean())),
-                      "seconds": time.perf_counter() - t0, "kv_bytes": m.kv_bytes,
-                      "nll_sum": float(nll.sum()), "scored": len(nll)}
+        curve = []  # (tokens scored, perplexity so far): kinds compare at equal lengths
+
+        def progress(nll, kind=kind, t0=t0, curve=curve):
+            curve.append([len(nll), float(np.exp(nll.mean()))])
+            rows[kind] = {"ppl": curve[-1][1],
+                          "ppl_last_half": float(np.exp(nll[len(nll) // 2 :].mean())),
+                          "seconds": time.perf_counter() - t0, "kv_bytes": m.kv_bytes,
+                          "nll_sum": float(nll.sum()), "scored": len(nll),
+                          "complete": len(nll) == len(ids) - 1, "ppl_by_tokens": curve}
+            print(kind, curve[-1], flush=True)
+            write(name, args, {"scored_tokens": len(ids) - 1, "rows": rows}, quiet=True)
+
+        chunked_nll(m, ids, 256, progress)
         print(kind, rows[kind], flush=True)
-    # kinds may run in separate processes (--kinds f16, --kinds q8, ...): one file each
-    write("ppl_" + "_".join(k.replace("/", "g") for k in args.kinds), args,
-          {"scored_tokens": len(ids) - 1, "rows": rows})
+    write(name, args, {"scored_tokens": len(ids) - 1, "rows": rows})
 
 
 # ---- pass-key retrieval (Gemma 3 270M) ----------------------------------------------------------

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import InvalidArgumentError
+from .filter.budget import PromptMemory
 from .filter.gemfilter import FilterResult
 from .memory import peak_rss_bytes, rss_bytes
 from .prompt_cache import PromptCache
@@ -64,6 +65,7 @@ class GenerationStats:
     peak_rss_bytes: int | None = None
     filtered: FilterResult | None = None  # when the prompt was filtered (GemFilter's pass 1)
     filter_pass2_s: float | None = None
+    prompt_memory: PromptMemory | None = None  # what the prompt holds, as the budget counts it
     flash: dict = field(default_factory=dict)  # flash and vocabulary reports (per token too)
     speculation: SpeculationStats | None = None  # when drafts were verified
     cancelled: bool = False

@@ -18,6 +18,7 @@ import numpy as np
 from .cache.persist import model_identity
 from .chat import ChatFormat
 from .errors import InvalidArgumentError
+from .filter.budget import PromptBudget, PromptMemory
 from .filter.gemfilter import FilterResult, GemFilter, resolve_layer
 from .generate import (
     Cancelled,
@@ -56,6 +57,9 @@ class Model:
         self.limits = ContextLimits(self.n_ctx, self.kv_spec.bounded, kv.kind,
                                     self.prefill_chunk, self.memory_budget, parts.held_bytes)
         self.runner = Runner(parts.net, parts.head, self.prefill_chunk, self.limits)
+        self.prompt_budget = PromptBudget(self.config, self._make_caches, self.kv_spec,
+                                          self.prefill_chunk, self.limits,
+                                          pools_from_budget=self.plan is not None)
         self.prompt_cache = self.make_prompt_cache()
         self._chat = ChatFormat(parts.file, self.config.architecture, self.config.vocab_size,
                                 self.tokenizer)
@@ -105,7 +109,20 @@ class Model:
     # ---- the prompt cache --------------------------------------------------------------------
     def make_prompt_cache(self) -> PromptCache:
         """An empty prompt cache for this model (mlx-lm's make_prompt_cache)."""
-        return PromptCache([], make_layer_caches(self._parts.net, self.kv_spec), id(self))
+        return PromptCache([], self._make_caches(self.kv_spec), id(self))
+
+    def _make_caches(self, spec) -> list:
+        return make_layer_caches(self._parts.net, spec)
+
+    def prompt_memory(self, prompt: str | Sequence[int], **filter_overrides) -> PromptMemory:
+        """What running prompt would hold beyond the loaded model (its KV cache, GemFilter's
+        pass 1 when it would be filtered, activations), as the budget check counts it;
+        filter_overrides as stream's. `prompt_budget.fits(...)` says whether it fits."""
+        ids = self._check_ids(self.tokenize(prompt) if isinstance(prompt, str) else prompt)
+        options = self._filter_options(filter_overrides)
+        with self._lock:
+            return self.prompt_budget.plan(len(ids), options, resolve_layer(options, self.config),
+                                           self.prompt_cache.nbytes)
 
     def reset(self) -> None:
         """Forget the KV cache (the next call prefills from scratch)."""
@@ -152,6 +169,7 @@ class Model:
         with self._lock:
             self._parts.close()
             self.prompt_cache = PromptCache([], [], id(self))
+            self.prompt_budget.clear()
 
     def __enter__(self):
         return self
@@ -222,11 +240,7 @@ class Model:
         num_draft_tokens: speculative decoding's draft length (speculative.py); 0: off.
         filter_overrides: token_filter, filter_keep, filter_layer, filter_threshold (FilterOptions)
         for this call (default: what load() was given)."""
-        options = with_kwargs(self.filter_options, filter_overrides)
-        if filter_overrides:
-            raise InvalidArgumentError(
-                f"unknown generation option {sorted(filter_overrides)[0]!r}")
-        resolve_layer(options, self.config)
+        options = self._filter_options(filter_overrides)
         s = SamplingOptions(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
                             seed)  # validates
         if not isinstance(max_tokens, (int, np.integer)) or max_tokens < 0:
@@ -244,8 +258,12 @@ class Model:
             stats = GenerationStats(self.backend.name, len(ids),
                                     resident_bytes=self.resident_bytes)
             try:
-                if options.applies(len(ids)):
-                    stats.filtered = self.filter_prompt(ids, options.keep, options.layer)
+                layer = resolve_layer(options, self.config)
+                mem = self.prompt_budget.plan(len(ids), options, layer, self.prompt_cache.nbytes)
+                self.prompt_budget.check(mem, options, layer)  # before anything runs
+                stats.prompt_memory = mem
+                if mem.filtered:
+                    stats.filtered = self.filter_prompt(ids, options.keep, layer)
                     ids = stats.filtered.kept_ids  # pass 2 runs these from position 0
                 reused = self.prompt_cache.reuse(ids)
                 if reused is None:  # a bounded cache had dropped positions it would need
@@ -263,6 +281,14 @@ class Model:
                 yield GenerationChunk("", None, stats.as_dict(), "cancelled")
             finally:
                 self._streaming = False
+
+    def _filter_options(self, overrides: dict) -> FilterOptions:
+        """The load's filter options with a call's overrides (validated; the layer too)."""
+        options = with_kwargs(self.filter_options, overrides)
+        if overrides:
+            raise InvalidArgumentError(f"unknown generation option {sorted(overrides)[0]!r}")
+        resolve_layer(options, self.config)
+        return options
 
     def generate(self, prompt: str | Sequence[int], max_tokens: int = 256, **kw) -> str:
         return "".join(c.text for c in self.stream(prompt, max_tokens=max_tokens, **kw))

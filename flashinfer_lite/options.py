@@ -199,11 +199,13 @@ class FilterOptions:
         _int_at_least("filter_threshold", self.threshold, 1)
         _int_at_least("filter_layer", self.layer, 0, optional=True)
 
-    def applies(self, n_tokens: int) -> bool:
-        """Whether a prompt of n_tokens is filtered: never when it fits in `keep` anyway."""
+    def applies(self, n_tokens: int, fits_unfiltered: bool = True) -> bool:
+        """Whether a prompt of n_tokens is filtered: never when it fits in `keep` anyway;
+        "auto" from `threshold` tokens on (where the filter saves time), or sooner when the
+        unfiltered prompt would not fit the memory budget (fits_unfiltered=False)."""
         if self.mode is None or n_tokens <= self.keep:
             return False
-        return self.mode == "gemfilter" or n_tokens >= self.threshold
+        return self.mode == "gemfilter" or n_tokens >= self.threshold or not fits_unfiltered
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,30 @@ def test_protected_raw_prompt_keeps_last_line():
     assert np.flatnonzero(mask).tolist() == [17, 18, 19]  # capped
 
 
+# ---- the filter layer ----
+@pytest.mark.parametrize("model,layers", [("qwen2.5-coder-0.5b", 24), ("qwen2.5-coder-1.5b", 28)])
+def test_default_filter_layer_comes_from_the_measurement(smollm2, model, layers):
+    import dataclasses
+    from pathlib import Path
+
+    from flashinfer_lite.filter import default_filter_layer
+    from flashinfer_lite.filter.gemfilter import MEASURED_FILTER_LAYERS
+
+    cfg = smollm2.config
+    assert default_filter_layer(cfg) == 12  # 40% of 30 layers: not measured
+    qwen = dataclasses.replace(cfg, architecture="qwen2", n_layers=layers)
+    layer = default_filter_layer(qwen)
+    assert layer == MEASURED_FILTER_LAYERS[("qwen2", layers)]
+    # the committed run: the earliest layer that, with the next, kept the whole key in every
+    # prompt
+    path = Path(__file__).parents[1] / f"benchmarks/results/gemfilter_{model}.json"
+    rows = [r for acc in json.loads(path.read_text())["accuracy"].values() for r in acc["rows"]]
+    recall = np.array([r["recall"]["1024"] for r in rows])  # (prompts, layers)
+    assert len(rows) == 5 and recall.shape[1] == layers
+    whole = (recall == 1).all(axis=0)  # (layers,)
+    assert layer == next(r for r in range(layers - 1) if whole[r] and whole[r + 1])
+
+
 # ---- options ----
 @pytest.mark.parametrize("kw", [dict(mode="magic"), dict(mode="gemfilter", keep=0),
                                 dict(mode="auto", keep=True), dict(mode="auto", threshold=-1),

@@ -1,5 +1,7 @@
 """The interactive chat loop: history kept across turns (the model reuses the cached prefix, so
-only the new turn is prefilled), /reset, /stats, /exit, Ctrl-C stops the current reply."""
+only the new turn is prefilled), /reset, /stats, /exit, Ctrl-C stops the current reply. A
+message may span lines (a pasted file) between triple quotes, as Ollama reads one, or as a
+here-document (<<END ... END)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,35 @@ import click
 from ..generate import GenerationStats
 from ..memory import format_bytes
 
-HELP = "commands: /reset (new conversation), /stats, /exit (or Ctrl-D)"
+HELP = ('commands: /reset (new conversation), /stats, /exit (or Ctrl-D); a message of several '
+        'lines: between """ and """, or from <<END to a line END (for code holding """)')
+QUOTE = '"""'
+
+
+def read_block(first: str, next_line) -> str:
+    """The message that starts with line `first` (next_line() -> the next line, None at the end
+    of input; an unclosed block ends there):
+    - triple quotes, then text: every line up to one that ends with triple quotes (as Ollama
+      reads one);
+    - '<<WORD' (a shell here-document): every following line up to one that is exactly WORD,
+      so a pasted Python file's docstrings do not end it;
+    - anything else: the line itself."""
+    body = first.lstrip()
+    if body.startswith("<<") and body[2:].strip().isidentifier():
+        end, lines = body[2:].strip(), []
+        while (line := next_line()) is not None and line != end:
+            lines.append(line)
+        return "\n".join(lines)
+    if not body.startswith(QUOTE):
+        return first
+    body, lines = body[len(QUOTE):], []
+    while not body.rstrip().endswith(QUOTE):
+        lines.append(body)
+        body = next_line()
+        if body is None:
+            return "\n".join(lines)
+    lines.append(body.rstrip()[: -len(QUOTE)])
+    return "\n".join(lines).strip("\n")
 
 
 def run_chat(m, system: str | None, max_tokens: int, sampling: dict,
@@ -21,21 +51,30 @@ def run_chat(m, system: str | None, max_tokens: int, sampling: dict,
     start = list(history)
     if interactive:
         click.echo(f"{m.config.name} ({m.config.architecture}) ready. {HELP}", err=True)
-    while True:
+
+    def next_line(prompt: str = "> ") -> str | None:
         if interactive:
             try:
-                line = input("> ")
+                return input(prompt)
             except EOFError:
                 click.echo("", err=True)
-                return
-            except KeyboardInterrupt:
-                click.echo("", err=True)
-                continue
-        else:
-            line = stdin.readline()
-            if not line:
-                return
-            line = line.rstrip("\n")
+                return None
+        line = stdin.readline()
+        return line.rstrip("\n") if line else None
+
+    while True:
+        try:
+            line = next_line()
+        except KeyboardInterrupt:
+            click.echo("", err=True)
+            continue
+        if line is None:
+            return
+        try:
+            line = read_block(line, lambda: next_line("... "))
+        except KeyboardInterrupt:  # a block abandoned half way
+            click.echo("", err=True)
+            continue
         text = line.strip()
         if not text:
             continue

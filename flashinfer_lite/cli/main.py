@@ -63,7 +63,8 @@ def filter_options(f):
     f = click.option("--token-filter", type=click.Choice(["none", *FILTER_MODES]),
                      default="none", show_default=True,
                      help="filter long prompts with an early layer (GemFilter); auto: from "
-                          "--filter-threshold tokens on")(f)
+                          "--filter-threshold tokens on, or sooner when the whole prompt "
+                          "would not fit --memory-budget")(f)
     f = click.option("--filter-keep", type=click.IntRange(min=1), default=FILTER.keep,
                      show_default=True, help="prompt tokens GemFilter keeps")(f)
     f = click.option("--filter-layer", type=click.IntRange(min=0), default=None,

@@ -30,11 +30,27 @@ SMOOTH_WIDTH = 5  # the paper's avg_pool1d kernel
 STRUCTURE_SPAN = 4  # tokens after a control token that may hold its role line ("user\n")
 
 
+# Filter layers measured by needle recall (benchmarks/bench_gemfilter.py, results/
+# gemfilter_<model>.json): the earliest layer that, and the layer after it, kept the whole pass
+# key among the 1,024 tokens kept in every prompt measured (one layer alone can be lucky in 5
+# prompts: the 1.5B's layer 8 never missed while its layer 9 did). Keyed by (architecture,
+# layers): models of one family and depth share it.
+MEASURED_FILTER_LAYERS = {
+    ("qwen2", 24): 9,  # Qwen2.5-Coder 0.5B: 5 prompts, 4k and 8k tokens, depths 0.1-0.9
+    ("qwen2", 28): 10,  # Qwen2.5-Coder 1.5B: the same 5 prompt shapes
+}
+
+
 def default_filter_layer(cfg: ModelConfig) -> int:
-    """Where pass 1 stops. A model that mixes sliding-window and global layers: its first
-    global layer (Gemma 3 270M: layer 5; sliding layers cannot see past their window, measured
-    in benchmarks/results/gemfilter_gemma3-270m.json). Otherwise 40% of the depth, the paper's
-    choice (layer 13 of Llama 3.1 8B's 32); not measured here for those models."""
+    """Where pass 1 stops. A model whose layer was measured: that layer (Qwen2.5-Coder 0.5B:
+    9 of 24, 1.5B: 10 of 28; MEASURED_FILTER_LAYERS). A model that mixes sliding-window and
+    global layers: its first global layer (Gemma 3 270M: layer 5; sliding layers cannot see
+    past their window, measured in benchmarks/results/gemfilter_gemma3-270m.json). Otherwise
+    40% of the depth, the paper's choice (layer 13 of Llama 3.1 8B's 32); not measured here
+    for those models."""
+    measured = MEASURED_FILTER_LAYERS.get((cfg.architecture, cfg.n_layers))
+    if measured is not None:
+        return measured
     if cfg.sliding_window is not None:
         for layer in range(1, cfg.n_layers):
             if not cfg.is_sliding(layer):
