@@ -22,7 +22,7 @@ from .errors import InvalidArgumentError
 from .flash.convert import ensure_converted, progress_line
 from .flash.ffn import FlashFFN
 from .flash.mlx_ffn import MlxFlashFFN
-from .flash.planner import WORKING_BYTES, Plan
+from .flash.planner import Plan
 from .kernels.base import Backend
 from .kernels.mlx_backend import MlxBackend, mlx_gpu_available
 from .kernels.numpy_backend import NumpyBackend
@@ -31,6 +31,7 @@ from .loaders.disk_curve import load_curve
 from .loaders.flash_format import FlashManifest, is_flash_dir, open_flash_dir
 from .loaders.gguf_file import GGUFFile
 from .memory import (
+    WORKING_BYTES,
     limit_heap_retention,
     parse_budget,
     release_freed_memory,

@@ -16,6 +16,13 @@ from .errors import InvalidArgumentError
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1024, "m": 1e6, "mb": 1e6, "mib": 1024**2,
           "g": 1e9, "gb": 1e9, "gib": 1024**3, "t": 1e12, "tb": 1e12, "tib": 1024**4}
 
+# Working memory of a running model beyond weights, pools, staging and KV: ONNX Runtime's
+# attention sessions (built on a prompt's first use: +14 MB on Qwen2.5-Coder-1.5B), its
+# activations for a prefill chunk, numpy temporaries, the sampler. Measured: the first
+# generation adds ~11 MB of RSS besides its KV cache on SmolLM2 (benchmarks/bench_budget.py),
+# ~25 MB on the 1.5B.
+WORKING_BYTES = 32 << 20
+
 
 def parse_budget(budget, model_bytes: int) -> int | None:
     """None -> None (planner reads free memory); "300MB", "1.5GB", "512MiB", int bytes, or a

@@ -2,7 +2,7 @@
 chooses from it.
 
 What one call holds beyond the loaded model (`ContextLimits.held_bytes`: weights, pools and
-16 MiB of working memory), at its peak:
+32 MiB of working memory), at its peak:
 
 - unfiltered: the KV cache of every prompt token, and a prefill chunk's activations;
 - filtered (GemFilter): pass 1 holds layers 0..r-1's caches over the whole prompt (q8/q4 when
@@ -22,9 +22,8 @@ from dataclasses import dataclass
 
 from ..cache.kv import KVSpec
 from ..errors import InvalidArgumentError, KVBudgetError
-from ..flash.planner import WORKING_BYTES
 from ..kernels.prefill_attention import BLOCK
-from ..memory import format_bytes
+from ..memory import WORKING_BYTES, format_bytes
 from ..options import FilterOptions
 
 SCORE_BLOCK = 8192  # keys GemFilter.scores converts to float32 at a time

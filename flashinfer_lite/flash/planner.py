@@ -14,17 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import BudgetError
-from ..memory import format_bytes
+from ..memory import WORKING_BYTES, format_bytes
 
 MIN_POOL_SHARE = 0.05
-# Working memory of a running model beyond weights, pools, staging and KV: ONNX Runtime's
-# attention sessions (built on a prompt's first use: +14 MB on Qwen2.5-Coder-1.5B), its
-# activations for a prefill chunk, numpy temporaries, the sampler. Measured: the first
-# generation adds ~11 MB of RSS besides its KV cache on SmolLM2 (benchmarks/bench_budget.py),
-# ~25 MB on the 1.5B.
-WORKING_BYTES = 32 << 20
-
-
 @dataclass
 class Plan:
     budget: int
