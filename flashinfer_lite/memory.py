@@ -72,17 +72,20 @@ def release_freed_memory() -> None:
 
 # glibc's mallopt parameter: allocations of at least this many bytes get their own mapping
 M_MMAP_THRESHOLD = -3
-HEAP_MMAP_THRESHOLD = 1 << 20
+HEAP_MMAP_THRESHOLD = 128 << 10
 
 
 def limit_heap_retention() -> bool:
-    """Make glibc hand every allocation of 1 MiB or more its own mapping, returned to the OS on
-    free. By default the threshold rises to the largest block freed so far (up to 32 MiB), after
-    which big temporaries (a prefill's dequantized rows, ORT's initializer copies) come from
-    the heap and stay in RSS when freed: Gemma 3 at a 300 MB budget held 328 MB after 32
-    tokens and peaked at 344 MB while loading; with this, 287 and 304 MB (throwaway check,
-    benchmarks/bench_budget.py for the committed runs). Process-wide, so only applied when a
-    memory budget is asked for. Returns whether it was applied (glibc only)."""
+    """Make glibc hand every allocation of 128 KiB or more its own mapping, returned to the OS
+    on free. By default the threshold rises to the largest block freed so far (up to 32 MiB),
+    after which big temporaries (a prefill's dequantized rows, ORT's initializer copies) come
+    from the heap and stay in RSS when freed: Gemma 3 at a 300 MB budget held 328 MB after 32
+    tokens and peaked at 344 MB while loading; with a 1 MiB threshold, 287 and 304 MB. Below
+    1 MiB the heap still grew with the context (temporaries sized by it, such as attention's
+    per-call key and value copies, freed but not reusable for the next, larger ones):
+    Qwen2.5-Coder-1.5B at a 560 MB budget after a 1,000-token prompt held 583 MB, peak 598;
+    at 128 KiB, 542 and 559. Process-wide, so only applied when a memory budget is asked for.
+    Returns whether it was applied (glibc only)."""
     if not sys.platform.startswith("linux"):
         return False
     try:
