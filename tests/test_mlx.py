@@ -15,10 +15,10 @@ pytestmark = pytest.mark.slow
 from conftest import cache_state, topics_text  # noqa: E402
 
 import flashinfer_lite as fl  # noqa: E402
-from flashinfer_lite.kernels.mlx_backend import (  # noqa: E402
+from flashinfer_lite.kernels.mlx_backend import mlx_gpu_available  # noqa: E402
+from flashinfer_lite.kernels.mlx_weights import (  # noqa: E402
     GROUP,
     grid_to_mlx,
-    mlx_gpu_available,
     to_mlx_weight,
 )
 from flashinfer_lite.loaders.quant_grid import decode_grid  # noqa: E402
