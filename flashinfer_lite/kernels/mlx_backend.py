@@ -10,8 +10,12 @@ one decode step is one synchronization, at the logits; greedy decoding is pipeli
 
 from __future__ import annotations
 
+import ctypes
+import importlib.metadata
 import importlib.util
+import sys
 import weakref
+from pathlib import Path
 
 import numpy as np
 
@@ -22,9 +26,42 @@ from .mlx_attention import MlxAttentionCore, MlxKVCache, device_cache_supports
 from .mlx_decode import GreedyPipeline
 from .mlx_weights import GROUP, MlxQuantized, to_mlx_weight
 
+# The CUDA libraries libmlx.so of mlx-cuda-13 0.32 needs, dependencies first. Its RPATH looks
+# for them in ../../nvidia/*/lib beside mlx, where pip puts the nvidia-* wheels it pulls in.
+_CUDA_LIBRARIES = ("libcudart.so.13", "libnvrtc.so.13", "libcublasLt.so.13", "libcublas.so.13",
+                   "libnvJitLink.so.13", "libcusparse.so.12", "libcusolver.so.12",
+                   "libcufft.so.12", "libnccl.so.2", "libcudnn.so.9")
+
 
 def mlx_installed() -> bool:
     return importlib.util.find_spec("mlx") is not None
+
+
+def load_cuda_libraries() -> list[str]:
+    """Load mlx-cuda's CUDA libraries from the interpreter's nvidia-* wheels when mlx sits
+    elsewhere (`pip install --target DIR` on a machine whose Python already has the CUDA
+    wheels): libmlx.so's RPATH then finds none of them, and the dynamic loader reuses a
+    library already loaded under the same name. Returns the paths loaded (none where the
+    RPATH works, off Linux, or without mlx-cuda-13)."""
+    spec = importlib.util.find_spec("mlx")
+    if sys.platform != "linux" or spec is None or not spec.submodule_search_locations:
+        return []
+    try:
+        importlib.metadata.distribution("mlx-cuda-13")
+    except importlib.metadata.PackageNotFoundError:
+        return []
+    beside = Path(next(iter(spec.submodule_search_locations))).parent / "nvidia"
+    if beside.is_dir():
+        return []
+    dirs = [d for p in sys.path if p and (Path(p) / "nvidia").is_dir()
+            for d in sorted((Path(p) / "nvidia").glob("*/lib"))]
+    loaded = []
+    for name in _CUDA_LIBRARIES:
+        path = next((d / name for d in dirs if (d / name).exists()), None)
+        if path is not None:
+            ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+            loaded.append(str(path))
+    return loaded
 
 
 def mlx_gpu_available() -> bool:
@@ -32,6 +69,7 @@ def mlx_gpu_available() -> bool:
     if not mlx_installed():
         return False
     try:
+        load_cuda_libraries()
         import mlx.core as mx  # optional: the [mlx] / [cuda] extras
 
         return bool(mx.is_available(mx.gpu))
@@ -41,6 +79,7 @@ def mlx_gpu_available() -> bool:
 
 def _mx():
     try:
+        load_cuda_libraries()
         import mlx.core as mx  # optional: the [mlx] / [cuda] extras
     except ImportError as exc:
         raise BackendUnavailableError(
