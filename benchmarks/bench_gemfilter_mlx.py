@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from gpu_lookup import install_lookup_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -98,46 +99,6 @@ def prepare(out_dir: Path, lengths, depths, trials, seed) -> Path:
         json.dump(table, fh)
     print(f"wrote {path}: {len(prompts)} prompts, {len(used)} distinct tokens")
     return path
-
-
-class LookupTokenizer:
-    """Serves `prepare`'s table: token text for the prompts' tokens, the end-of-generation ids;
-    generated text is decoded later (`finish`), so decoding here gives no text."""
-
-    def __init__(self, table: dict):
-        self.bos_id, self.eos_id, self.n_vocab = table["bos_id"], table["eos_id"], table["n_vocab"]
-        self._text = table["token_text"]
-        self._eog = set(table["eog"])
-
-    def encode(self, text: str, add_bos: bool = True, special: bool = True) -> list[int]:
-        raise NotImplementedError("the lookup tokenizer serves prepared ids only")
-
-    def token_text(self, token: int) -> str:
-        return self._text.get(str(int(token)), "")
-
-    def piece_bytes(self, ids, special: bool = False) -> bytes:
-        return b""
-
-    def decode(self, ids, special: bool = False) -> str:
-        return ""
-
-    def is_eog(self, token: int) -> bool:
-        return int(token) in self._eog
-
-    def stream_decoder(self):
-        from flashinfer_lite.tokenizer import StreamDecoder
-
-        return StreamDecoder(self)
-
-
-def install_lookup_tokenizer(table: dict) -> None:
-    import flashinfer_lite.model
-    import flashinfer_lite.tokenizer
-
-    cls = type("Tok", (LookupTokenizer,),
-               {"__init__": lambda self, path: LookupTokenizer.__init__(self, table)})
-    flashinfer_lite.tokenizer.Tokenizer = cls
-    flashinfer_lite.model.Tokenizer = cls
 
 
 # ---- run (GPU machine) -----------------------------------------------------------------------
