@@ -280,18 +280,22 @@ def plot() -> None:
     files = sorted(RESULTS.glob("mlx_*.json"))
     data = [json.loads(p.read_text()) for p in files if p.name != INPUTS.name]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    labels = ["mlx_gpu", "onnxruntime_cpu"]
-    w = 0.35
+    labels = {"mlx_gpu": "MLX (GPU)\npipelined", "mlx_gpu_host_sampled": "MLX (GPU)\nhost-sampled",
+              "onnxruntime_cpu": "ONNX Runtime\n(CPU)"}
+    w = 0.8 / max(1, len(data))
     for i, d in enumerate(data):
-        axes[0].bar([j + i * w for j in range(len(labels))],
-                    [d["decode"][k]["tokens_per_s"] for k in labels], w, label=d["model"])
-    axes[0].set_xticks([j + w / 2 for j in range(len(labels))],
-                       ["MLX (GPU)", "ONNX Runtime (CPU)"])
+        xs = [j for j, k in enumerate(labels) if k in d.get("decode", {})]
+        axes[0].bar([j + i * w for j in xs],
+                    [d["decode"][k]["tokens_per_s"] for k in labels if k in d["decode"]], w,
+                    label=f"{d['model']} ({(d.get('gpu') or '').split(',')[0]})")
+    axes[0].set_xticks([j + w * (len(data) - 1) / 2 for j in range(len(labels))],
+                       list(labels.values()))
     axes[0].set_ylabel("decode tokens/s (median)")
-    axes[0].set_title("all-resident")
-    axes[0].legend()
+    axes[0].set_title("all-resident, greedy, drafts off (older files: drafts on)")
+    axes[0].legend(fontsize=7)
+    flash = [d for d in data if "flash" in d]
     fl_labels = ["resident", "ours_0.50", "ours_0.25", "naive"]
-    for i, d in enumerate(data):
+    for i, d in enumerate(flash):
         axes[1].bar([j + i * w for j in range(len(fl_labels))],
                     [d["flash"][k]["tokens_per_s"] for k in fl_labels], w, label=d["model"])
     axes[1].set_xticks([j + w / 2 for j in range(len(fl_labels))],
@@ -305,7 +309,7 @@ def plot() -> None:
              ("ffn_host_s_per_token", "FFN setup (host)"),
              ("device_wait_s_per_token", "waiting for the GPU")]
     bars, names = [], []
-    for d in data:
+    for d in flash:
         for k in ("ours_0.50", "ours_0.25", "naive"):
             r = dict(d["flash"][k])
             r["ffn_host_s_per_token"] = r["compute_s_per_token"] - r["h2d_s_per_token"]
@@ -322,8 +326,7 @@ def plot() -> None:
     axes[2].set_ylabel("ms per generated token")
     axes[2].set_title("flash decode: where the time goes")
     axes[2].legend(fontsize=7)
-    dev = data[0].get("gpu") or data[0]["device"] if data else ""
-    fig.suptitle(f"flashinfer-lite MLX backend on {dev}")
+    fig.suptitle("flashinfer-lite MLX backend on NVIDIA GPUs")
     fig.tight_layout()
     fig.savefig(RESULTS / "mlx_decode.png", dpi=120)
     print(f"wrote {RESULTS / 'mlx_decode.png'}")
