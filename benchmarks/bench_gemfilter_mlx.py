@@ -42,12 +42,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from gpu_lookup import install_lookup_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MODEL = "gemma3-270m"
-FINAL = RESULTS / f"gemfilter_{MODEL}_mlx_gpu.json"
+MODEL = "gemma3-270m"  # the default --name
 GEN_TOKENS = 8
 ROOM = 16  # as bench_gemfilter: positions left for the answer under the model's context
 
@@ -63,14 +63,14 @@ class _TokOnly:
         return self.tok.encode(text, add_bos=add_bos)
 
 
-def prepare(out_dir: Path, lengths, depths, trials, seed) -> Path:
+def prepare(out_dir: Path, lengths, depths, trials, seed, name: str = MODEL) -> Path:
     import llama_cpp
     from bench_kv import passkey_prompt
 
     from flashinfer_lite.registry import resolve_model
     from flashinfer_lite.tokenizer import Tokenizer
 
-    tok = Tokenizer(resolve_model(MODEL))
+    tok = Tokenizer(resolve_model(name))
     m = _TokOnly(tok)
     rng = random.Random(seed)
     prompts, used = [], set()
@@ -88,7 +88,7 @@ def prepare(out_dir: Path, lengths, depths, trials, seed) -> Path:
                                 "ids": ids, "key_ids": key_ids, "needle": needle})
     vocab = tok._llama._model.vocab
     eog = [t for t in range(tok.n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t)]
-    table = {"model": MODEL, "bos_id": tok.bos_id, "eos_id": tok.eos_id, "n_vocab": tok.n_vocab,
+    table = {"model": name, "bos_id": tok.bos_id, "eos_id": tok.eos_id, "n_vocab": tok.n_vocab,
              "eog": eog, "token_text": {str(t): tok.token_text(t) for t in sorted(used)},
              "prompts": prompts, "lengths": lengths, "depths": depths, "trials": trials,
              "seed": seed}
@@ -100,52 +100,21 @@ def prepare(out_dir: Path, lengths, depths, trials, seed) -> Path:
     return path
 
 
-class LookupTokenizer:
-    """Serves `prepare`'s table: token text for the prompts' tokens, the end-of-generation ids;
-    generated text is decoded later (`finish`), so decoding here gives no text."""
-
-    def __init__(self, table: dict):
-        self.bos_id, self.eos_id, self.n_vocab = table["bos_id"], table["eos_id"], table["n_vocab"]
-        self._text = table["token_text"]
-        self._eog = set(table["eog"])
-
-    def encode(self, text: str, add_bos: bool = True, special: bool = True) -> list[int]:
-        raise NotImplementedError("the lookup tokenizer serves prepared ids only")
-
-    def token_text(self, token: int) -> str:
-        return self._text.get(str(int(token)), "")
-
-    def piece_bytes(self, ids, special: bool = False) -> bytes:
-        return b""
-
-    def decode(self, ids, special: bool = False) -> str:
-        return ""
-
-    def is_eog(self, token: int) -> bool:
-        return int(token) in self._eog
-
-    def stream_decoder(self):
-        from flashinfer_lite.tokenizer import StreamDecoder
-
-        return StreamDecoder(self)
-
-
-def install_lookup_tokenizer(table: dict) -> None:
-    import flashinfer_lite.model
-    import flashinfer_lite.tokenizer
-
-    cls = type("Tok", (LookupTokenizer,),
-               {"__init__": lambda self, path: LookupTokenizer.__init__(self, table)})
-    flashinfer_lite.tokenizer.Tokenizer = cls
-    flashinfer_lite.model.Tokenizer = cls
-
-
 # ---- run (GPU machine) -----------------------------------------------------------------------
 def _hwm() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def modes(keeps, q4_keeps) -> dict:
+    """Each measured configuration's name -> (keep, q4 cache): full attention (f16 cache),
+    GemFilter at each keep, GemFilter with a q4 cache at each q4 keep."""
+    out = {"full": (None, False)}
+    out.update({f"k{k}": (k, False) for k in keeps})
+    out.update({f"k{k}_q4": (k, True) for k in q4_keeps})
+    return out
 
 
 def _call(m, mx, ids, keep: int | None, capture: dict) -> dict:
@@ -180,7 +149,7 @@ def _contains(seq, pat) -> bool:
 
 
 def run(model: str, prompts_path: str, out_path: str, keeps, limit_s: float,
-        check_tokens: int) -> None:
+        check_tokens: int, q4_keeps=()) -> None:
     with gzip.open(prompts_path, "rt") as fh:
         table = json.load(fh)
     install_lookup_tokenizer(table)
@@ -199,13 +168,16 @@ def run(model: str, prompts_path: str, out_path: str, keeps, limit_s: float,
                                  timeout=30).stdout.strip()
         except Exception:
             gpu = None
-        result = {"model": MODEL, "backend": "mlx", "gpu": gpu, "host": platform.node(),
-                  "python": sys.version.split()[0], "mlx": mx.__version__,
-                  "keeps": keeps, "gen_tokens": GEN_TOKENS, "rows": [], "warmups": {},
+        result = {"model": table.get("model", MODEL), "backend": "mlx", "gpu": gpu,
+                  "host": platform.node(), "python": sys.version.split()[0],
+                  "mlx": mx.__version__, "keeps": keeps, "q4_keeps": list(q4_keeps),
+                  "gen_tokens": GEN_TOKENS, "rows": [], "warmups": {},
                   "lengths": table["lengths"], "depths": table["depths"],
                   "trials": table["trials"], "seed": table["seed"]}
     t_start = time.perf_counter()
     m = fl.load(model, backend="mlx")
+    # the q4 cache lives on the host (kernels/mlx_attention.py): a second model holds it
+    m_q4 = fl.load(model, backend="mlx", kv_cache="q4") if q4_keeps else None
     result["device"] = str(mx.default_device())
     result["prefill_chunk"] = m.prefill_chunk
     capture: dict = {}
@@ -216,6 +188,15 @@ def run(model: str, prompts_path: str, out_path: str, keeps, limit_s: float,
         return capture["result"]
 
     m.filter_prompt = filter_prompt
+    if m_q4 is not None:
+        real_q4 = m_q4.filter_prompt
+
+        def filter_prompt_q4(*a, **kw):
+            capture["result"] = real_q4(*a, **kw)
+            return capture["result"]
+
+        m_q4.filter_prompt = filter_prompt_q4
+    configs = modes(keeps, q4_keeps)
     if check_tokens and "check_vs_onnxruntime" not in result:
         result["check_vs_onnxruntime"] = check_vs_ort(model, m, table["prompts"][0]["ids"],
                                                       check_tokens)
@@ -231,29 +212,27 @@ def run(model: str, prompts_path: str, out_path: str, keeps, limit_s: float,
         ids, n = p["ids"], p["n"]
         if str(n) not in result["warmups"]:  # compile this length's shapes, untimed
             t0 = time.perf_counter()
-            for keep in [None, *keeps]:
+            for keep, q4 in configs.values():
                 if keep is None or len(ids) > keep:
-                    _call(m, mx, ids, keep, capture)
+                    _call(m_q4 if q4 else m, mx, ids, keep, capture)
             result["warmups"][str(n)] = time.perf_counter() - t0
         row = {k: p[k] for k in ("n", "trial", "depth", "key")}
         row["tokens"] = len(ids)
-        row["full"] = _call(m, mx, ids, None, capture)
-        row["full"]["key_in_ids"] = _contains(row["full"]["ids"], p["key_ids"])
-        for keep in keeps:
-            if len(ids) <= keep:
-                row[f"k{keep}"] = {"same_as_full": True}
+        for name, (keep, q4) in configs.items():
+            if keep is not None and len(ids) <= keep:
+                row[name] = {"same_as_full": True}
                 continue
-            r = _call(m, mx, ids, keep, capture)
+            r = _call(m_q4 if q4 else m, mx, ids, keep, capture)
             kept = r.pop("kept", None)
             if kept is not None and p["needle"]:
                 r["needle_kept"] = float(np.isin(p["needle"], kept).mean())
             r["key_in_ids"] = _contains(r["ids"], p["key_ids"])
-            row[f"k{keep}"] = r
+            row[name] = r
         result["rows"].append(row)
         f = row["full"]
         print(n, row["trial"], row["depth"], "full", f["key_in_ids"], f"{f['ttft_s']:.2f}s",
-              *[(k, row[f"k{k}"].get("key_in_ids"), round(row[f"k{k}"].get("ttft_s", 0), 2))
-                for k in keeps], flush=True)
+              *[(k, row[k].get("key_in_ids"), round(row[k].get("ttft_s", 0), 2))
+                for k in configs if k != "full"], flush=True)
         _write(out, result)
     print(f"wrote {out}: {len(result['rows'])} of {len(table['prompts'])} prompts", flush=True)
 
@@ -295,25 +274,26 @@ def _write(out: Path, result: dict) -> None:
 
 
 # ---- finish (here) ---------------------------------------------------------------------------
-def finish(raw_path: str, out: Path) -> None:
+def finish(raw_path: str, out: Path | None) -> None:
     from bench_gemfilter import correct
 
     from flashinfer_lite.registry import resolve_model
     from flashinfer_lite.tokenizer import Tokenizer
 
-    tok = Tokenizer(resolve_model(MODEL))
     result = json.loads(Path(raw_path).read_text())
-    keeps = result["keeps"]
+    tok = Tokenizer(resolve_model(result["model"]))
+    names = list(modes(result["keeps"], result.get("q4_keeps", [])))
     for row in result["rows"]:
-        for mode in ["full", *[f"k{k}" for k in keeps]]:
+        for mode in names:
             r = row[mode]
             if r.get("same_as_full"):
                 continue
             r["answer"] = tok.decode(r["ids"])
             r["correct"] = correct(row["key"], r["answer"])
-        for k in keeps:
-            if row[f"k{k}"].get("same_as_full"):
-                row[f"k{k}"]["correct"] = row["full"]["correct"]
+        for mode in names:
+            if row[mode].get("same_as_full"):
+                row[mode]["correct"] = row["full"]["correct"]
+    out = out or RESULTS / f"gemfilter_{result['model']}_mlx_gpu.json"
     result["summary"] = summarize(result)
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")
@@ -322,7 +302,7 @@ def finish(raw_path: str, out: Path) -> None:
 
 
 def summarize(result: dict) -> dict:
-    keeps = result["keeps"]
+    names = [m for m in modes(result["keeps"], result.get("q4_keeps", [])) if m != "full"]
     by_n: dict = {}
     for row in result["rows"]:
         by_n.setdefault(row["n"], []).append(row)
@@ -332,24 +312,23 @@ def summarize(result: dict) -> dict:
              "trials": len({r["trial"] for r in rows}),
              "depths": sorted({r["depth"] for r in rows}),
              "full_correct": sum(r["full"]["correct"] for r in rows)}
-        modes = {"full": "full"}
-        for k in keeps:
-            s[f"k{k}_correct"] = sum(r[f"k{k}"]["correct"] for r in rows)
-            filtered = [r[f"k{k}"] for r in rows if not r[f"k{k}"].get("same_as_full")]
+        measured = ["full"]
+        for k in names:
+            s[f"{k}_correct"] = sum(r[k]["correct"] for r in rows)
+            filtered = [r[k] for r in rows if not r[k].get("same_as_full")]
             if filtered:
-                modes[f"k{k}"] = f"k{k}"
-                s[f"k{k}_needle_kept"] = float(np.mean([f.get("needle_kept", np.nan)
-                                                        for f in filtered]))
+                measured.append(k)
+                s[f"{k}_needle_kept"] = float(np.mean([f.get("needle_kept", np.nan)
+                                                       for f in filtered]))
             else:
-                s[f"k{k}_note"] = f"the prompt fits in {k} tokens: k={k} keeps it whole"
+                s[f"{k}_note"] = f"the prompt fits in {k}'s keep: it keeps it whole"
         by_depth = {}
         for d in s["depths"]:
             rs = [r for r in rows if r["depth"] == d]
-            by_depth[str(d)] = {m: sum(r[m]["correct"] for r in rs) for m in
-                                ["full", *[f"k{k}" for k in keeps]]}
+            by_depth[str(d)] = {m: sum(r[m]["correct"] for r in rs) for m in ["full", *names]}
             by_depth[str(d)]["prompts"] = len(rs)
         s["by_depth"] = by_depth
-        for name in modes:
+        for name in measured:
             rs = [r[name] for r in rows]
             s[f"{name}_ttft_s_median"] = statistics.median(x["ttft_s"] for x in rs)
             s[f"{name}_peak_device_bytes_median"] = statistics.median(
@@ -380,8 +359,10 @@ def plot(result: dict, path: Path) -> None:
     fig, ax = plt.subplots(1, 3, figsize=(16, 4.5))
     frac = lambda n, key: s[str(n)][key] / s[str(n)]["prompts"]  # noqa: E731
     ax[0].plot(ns, [frac(n, "full_correct") for n in ns], "o-", label="full attention")
-    for k, style in zip(keeps, ["s--", "^:"], strict=False):
-        ax[0].plot(ns, [frac(n, f"k{k}_correct") for n in ns], style, label=f"GemFilter k={k}")
+    names = [m for m in modes(keeps, result.get("q4_keeps", [])) if m != "full"]
+    for k, style in zip(names, ["s--", "^:", "v-."], strict=False):
+        ax[0].plot(ns, [frac(n, f"{k}_correct") for n in ns], style,
+                   label=f"GemFilter {k.replace('_q4', ' + q4 cache')}")
     ax[0].set_xscale("log", base=2)
     ax[0].set_xticks(ns, [f"{n // 1024}k" for n in ns])
     ax[0].set_ylim(-0.05, 1.05)
@@ -391,7 +372,7 @@ def plot(result: dict, path: Path) -> None:
     ax[0].set_title(f"Needle in a haystack ({'-'.join(map(str, counts))} prompts per length)")
     ax[0].legend()
     x = np.arange(len(ns))
-    names = ["full", *[f"k{k}" for k in keeps]]
+    names = ["full", *names]
     w = 0.8 / len(names)
     for i, name in enumerate(names):
         vals = [s[str(n)].get(f"{name}_ttft_s_median", np.nan) for n in ns]
@@ -407,7 +388,7 @@ def plot(result: dict, path: Path) -> None:
         a.legend(fontsize=8)
     ax[1].set_title("TTFT (GemFilter: pass 1 + pass 2)")
     ax[2].set_title("peak device memory per call")
-    fig.suptitle(f"GemFilter, Gemma 3 270M, MLX on {result.get('gpu') or result['device']}")
+    fig.suptitle(f"GemFilter, {result['model']}, MLX on {result.get('gpu') or result['device']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
@@ -418,6 +399,7 @@ def main() -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--name", default=MODEL, help="the model's short name (registry)")
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768])
     p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
     p.add_argument("--trials", type=int, default=5)
@@ -427,17 +409,20 @@ def main() -> None:
     r.add_argument("--prompts", required=True)
     r.add_argument("--out", required=True, help="raw JSON, updated after every prompt; resumes")
     r.add_argument("--keeps", type=int, nargs="+", default=[1024, 2048])
+    r.add_argument("--q4-keeps", type=int, nargs="*", default=[],
+                   help="keeps also run with a q4 KV cache (a second model on the device)")
     r.add_argument("--limit-s", type=float, default=1e9, help="stop starting prompts after this")
     r.add_argument("--check-tokens", type=int, default=2048,
                    help="MLX vs ONNX Runtime logits after this many tokens (0: skip)")
     f = sub.add_parser("finish")
     f.add_argument("raw")
-    f.add_argument("--out", type=Path, default=FINAL)
+    f.add_argument("--out", type=Path, default=None,
+                   help="default: results/gemfilter_<model>_mlx_gpu.json")
     a = ap.parse_args()
     if a.cmd == "prepare":
-        prepare(a.out, a.lengths, a.depths, a.trials, a.seed)
+        prepare(a.out, a.lengths, a.depths, a.trials, a.seed, a.name)
     elif a.cmd == "run":
-        run(a.model, a.prompts, a.out, a.keeps, a.limit_s, a.check_tokens)
+        run(a.model, a.prompts, a.out, a.keeps, a.limit_s, a.check_tokens, a.q4_keeps)
     else:
         finish(a.raw, a.out)
 

@@ -21,7 +21,7 @@ from .filter.budget import PromptMemory
 from .filter.gemfilter import FilterResult
 from .memory import peak_rss_bytes, rss_bytes
 from .prompt_cache import PromptCache
-from .sampling import LogitsProcessor, Sampler
+from .sampling import LogitsProcessor, Sampler, greedy
 from .speculative import DraftOptions, NgramDrafter, SpeculationStats, speculative_step
 
 # RSS is read (psutil, a /proc read) every this many tokens and at the end of a call
@@ -170,6 +170,30 @@ class Runner:
             raise
         return outs[-1][0] if out == "last" else np.concatenate(outs)
 
+    def greedy_tokens(self, cache: PromptCache, ids: Sequence[int], sampler: Sampler,
+                      processors: Sequence[LogitsProcessor],
+                      cancel: threading.Event | None = None) -> Iterator[int] | None:
+        """generate_step's tokens for a greedy sampler with no processors, with each decode
+        step queued on the device before the host reads the last token (the backend's
+        greedy_pipeline, kernels/mlx_decode.py); None where the backend has no pipeline."""
+        backend = getattr(self.net, "backend", None)
+        if sampler is not greedy or processors or backend is None:
+            return None
+        pipeline = backend.greedy_pipeline(self.net, cache.caches)
+        if pipeline is None:
+            return None
+
+        def check(n_positions: int) -> None:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled
+            self.limits.check(n_positions, cache)
+
+        def tokens() -> Iterator[int]:
+            first = greedy(self(cache, ids, cancel=cancel))
+            yield from pipeline.tokens(first, cache, self.limits.has_room, check)
+
+        return tokens()
+
 
 def generate_step(
     prefill: Callable[[Sequence[int]], np.ndarray],
@@ -277,8 +301,9 @@ def stream_generate(runner: Runner, tokenizer, cache: PromptCache, ids: Sequence
             ids[reused:], sampler, NgramDrafter(draft), processors, history=ids[:reused],
             stats=stats.speculation, room=lambda: runner.limits.n_ctx - len(cache.ids))
     else:
-        gen = generate_step(run, lambda t: run([t]), ids[reused:], sampler, processors,
-                            history=ids[:reused])
+        gen = (runner.greedy_tokens(cache, ids[reused:], sampler, processors, cancel)
+               or generate_step(run, lambda t: run([t]), ids[reused:], sampler, processors,
+                                history=ids[:reused]))
     first = None
     n = 0
     try:

@@ -36,6 +36,12 @@ def validate_sampling(temperature: float = 0.0, top_k: int = 0, top_p: float = 1
             raise InvalidArgumentError(message)
 
 
+def greedy(logits: np.ndarray) -> int:
+    """The temperature-0 sampler. A device backend that sees this sampler and no logits
+    processors may choose tokens on the device instead (generate.Runner.greedy_tokens)."""
+    return int(np.argmax(logits))
+
+
 def make_sampler(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  min_p: float = 0.0, seed: int | None = None) -> Sampler:
     """Greedy at temperature 0; otherwise top-k, then top-p, then min-p, then a draw.
@@ -44,7 +50,7 @@ def make_sampler(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
     """
     validate_sampling(temperature, top_k, top_p, min_p)
     if temperature == 0:
-        return lambda logits: int(np.argmax(logits))
+        return greedy
     rng = np.random.default_rng(seed)
 
     def sample(logits: np.ndarray) -> int:

@@ -15,10 +15,10 @@ pytestmark = pytest.mark.slow
 from conftest import cache_state, topics_text  # noqa: E402
 
 import flashinfer_lite as fl  # noqa: E402
-from flashinfer_lite.kernels.mlx_backend import (  # noqa: E402
+from flashinfer_lite.kernels.mlx_backend import mlx_gpu_available  # noqa: E402
+from flashinfer_lite.kernels.mlx_weights import (  # noqa: E402
     GROUP,
     grid_to_mlx,
-    mlx_gpu_available,
     to_mlx_weight,
 )
 from flashinfer_lite.loaders.quant_grid import decode_grid  # noqa: E402
@@ -215,3 +215,50 @@ def test_windowed_device_cache_state_round_trip():
     assert (back.offset, back.first_position) == (cache.offset, cache.first_position)
     for a, b in zip(back.fetch(), cache.fetch(), strict=True):
         np.testing.assert_array_equal(np.array(a), np.array(b))
+
+
+def test_pipelined_greedy_decode(smollm2_path, numpy_chunk4, mlx_chunk4):
+    """Greedy decoding with drafts off runs through the device pipeline (kernels/mlx_decode.py):
+    the same tokens as the numpy reference, the cache left holding what the host-sampled path
+    leaves (the prompt and every token but the last), and the context's end in the same place."""
+    prompt = "The Python language"
+    kw = dict(max_tokens=10, num_draft_tokens=0)
+    ref = [c.token for c in numpy_chunk4.stream(prompt, **kw)]
+    pipe = mlx_chunk4.net.backend.greedy_pipeline(mlx_chunk4.net,
+                                                 cache_state(mlx_chunk4).caches)
+    pipe.reset_counters()
+    got = [c.token for c in mlx_chunk4.stream(prompt, **kw)]
+    assert got == ref and len(got) == 10
+    assert pipe.steps == 10 and pipe.host_s > 0
+    n_prompt = len(mlx_chunk4.tokenize(prompt))
+    state = cache_state(mlx_chunk4)
+    assert len(state.ids) == state.caches[0].offset == n_prompt + 9
+    # near the context's end the pipeline queues no step past it
+    small = {"ctx_size": n_prompt + 6, "prefill_chunk": 4}
+    a = list(fl.load(smollm2_path, backend="numpy", **small).stream(prompt, max_tokens=50,
+                                                                    num_draft_tokens=0))
+    b = list(fl.load(smollm2_path, backend="mlx", **small).stream(prompt, max_tokens=50,
+                                                                  num_draft_tokens=0))
+    assert [c.token for c in b] == [c.token for c in a] and len(b) < 50
+    assert b[-1].finish_reason == a[-1].finish_reason == "length"
+
+
+def test_qwen_on_mlx_matches_onnxruntime():
+    """Qwen2.5-Coder 0.5B (qwen2: q/k/v biases, no BOS, Q5_0/Q8_0/Q4_K/Q6_K tensors, an untied
+    Q8_0 head) on MLX against ONNX Runtime (int8 activations, so not equal), and position 0,
+    where Qwen's residual stream is at its most extreme, against a float64 forward."""
+    from flashinfer_lite.evaluation import compare_logits
+    from flashinfer_lite.reference import first_position_logits
+
+    ort = fl.load("qwen2.5-coder-0.5b", backend="onnxruntime", threads=2)
+    m = fl.load("qwen2.5-coder-0.5b", backend="mlx")
+    assert m.config.architecture == "qwen2"
+    ids = ort.tokenize(topics_text()[:400])[:40]
+    got, ref = m.logits(ids), ort.logits(ids)
+    r = compare_logits(got, ref, ids)
+    assert abs(r.ppl_ratio - 1) < 0.02, r
+    assert r.top1_agreement >= 0.9 and r.max_reference_margin < 0.5, r
+    assert r.max_abs_logit_diff < 1.5, r
+    first = first_position_logits(m.path, ids[0])
+    assert int(got[0].argmax()) == int(first.argmax())
+    assert np.abs(got[0] - first).max() < 1.0, np.abs(got[0] - first).max()

@@ -120,6 +120,12 @@ class Backend(ABC):
         """A segment's output as a numpy array (device backends copy it back)."""
         return a
 
+    def greedy_pipeline(self, net, caches):
+        """An object whose `tokens(first, cache, room, check)` yields greedy tokens with the
+        next step queued before the host reads this one (kernels/mlx_decode.py), for net over
+        these caches; None where the backend has none (the host samples every step)."""
+        return None
+
     def warm(self) -> None:  # noqa: B027  (optional hook: most backends have nothing to set up)
         """Set up the backend's process-wide state (runtime, not model memory)."""
 

@@ -138,9 +138,13 @@ class CausalLM:
         stop_at=r runs layers 0..r-1 only (their caches advance, the rest stay untouched) and
         returns layer r's projected (q, k, v) before its attention core (the token filter's
         pass 1; `cores[r].rotate` turns them into what attention would score)."""
+        return self.forward_embedded(self.embed(np.asarray(ids, np.int64)), caches, stop_at)
+
+    def forward_embedded(self, x, caches: list[KVCache], stop_at: int | None = None):
+        """forward() from embedded rows x (T, d), which may live on the backend's device (a
+        pipelined decode embeds its token there, kernels/mlx_decode.py)."""
         start = caches[0].offset
-        positions = np.arange(start, start + len(ids))
-        x = self.embed(np.asarray(ids, np.int64))
+        positions = np.arange(start, start + x.shape[0])
         q, k, v = self.first(x)
         for layer, (core, cache) in enumerate(zip(self.cores, caches, strict=True)):
             if layer == stop_at:
