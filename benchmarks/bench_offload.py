@@ -68,7 +68,8 @@ def _drop_cache(path: Path) -> None:
             os.close(fd)
 
 
-def child(model: str, config: str, workload: str, max_tokens: int, threads: int) -> dict:
+def child(model: str, config: str, workload: str, max_tokens: int, threads: int,
+          kv_cache: str, kv_reserve: int) -> dict:
     from bench_speculative import workloads
 
     import flashinfer_lite as fl
@@ -84,13 +85,14 @@ def child(model: str, config: str, workload: str, max_tokens: int, threads: int)
     drafts = 0 if config in ("naive", "resident") or config.endswith("-nodraft") else None
     if config == "resident":
         _drop_cache(path)
-        m = fl.load(path, threads=threads)
+        m = fl.load(path, threads=threads, kv_cache=kv_cache)
     else:
         _drop_cache(flash_dir)
         frac = 0.5 if config == "naive" else float(config.split("-")[0])
         try:
             m = fl.load(flash_dir, threads=threads, memory_budget=int(frac * size),
-                        ffn_mode="naive" if config == "naive" else "ours")
+                        ffn_mode="naive" if config == "naive" else "ours", kv_cache=kv_cache,
+                        kv_reserve_tokens=kv_reserve)
         except fl.BudgetError as exc:  # below the floor: a result, not a failure
             print(json.dumps({"config": config, "workload": workload, "refused": str(exc)}))
             return
@@ -100,7 +102,8 @@ def child(model: str, config: str, workload: str, max_tokens: int, threads: int)
     text = m.generate(ids, max_tokens=max_tokens, temperature=0.0, **kw)
     wall = time.perf_counter() - t0
     s = m.stats
-    r = {"config": config, "workload": workload, "prompt_tokens": len(ids),
+    r = {"config": config, "workload": workload, "kv_cache": kv_cache,
+         "kv_reserve_tokens": kv_reserve, "prompt_tokens": len(ids),
          "generated": s["generated_tokens"], "decode_tokens_per_s": s["tokens_per_s"],
          "ttft_s": s["ttft_s"], "wall_s": wall, "baseline_rss": base,
          "peak_rss_over_baseline": peak_rss_bytes() - base, "file_bytes": size,
@@ -210,6 +213,11 @@ def main():
     ap.add_argument("--workloads", nargs="+", default=["fresh", "edit"])
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--kv-cache", default="f16", help="every configuration's KV cache kind")
+    ap.add_argument("--kv-reserve-tokens", type=int, default=1024,
+                    help="positions the planner reserves KV cache for (the prompt's and answer's)")
+    ap.add_argument("--configs", nargs="+", default=None,
+                    help="run only these configurations (naive, a budget, resident, 0.5-nodraft)")
     ap.add_argument("--quality", action="store_true")
     ap.add_argument("--ppl-tokens", type=int, default=256)
     ap.add_argument("--budget", type=float, default=0.5)
@@ -217,7 +225,8 @@ def main():
     ap.add_argument("--quality-child", action="store_true")
     a = ap.parse_args()
     if a.child:
-        child(a.model, a.child[0], a.child[1], a.max_tokens, a.threads)
+        child(a.model, a.child[0], a.child[1], a.max_tokens, a.threads, a.kv_cache,
+              a.kv_reserve_tokens)
         return
     if a.quality_child:
         quality_child(a.model, a.budget, a.ppl_tokens, a.threads)
@@ -234,23 +243,27 @@ def main():
         out.write_text(json.dumps(report, indent=2))
         print(json.dumps(report["quality"], indent=2))
         return
-    report["runs"] = []
     configs = ["naive", *map(str, a.budgets), "resident"]
-    for wl in a.workloads:
-        extra = ["0.5-nodraft"] if wl.startswith("edit") and 0.5 in a.budgets else []
-        for cfg in configs + extra:
-            r = run(["--child", cfg, wl, "--model", a.model, "--max-tokens",
-                     str(a.max_tokens), "--threads", str(a.threads)])
-            report["runs"].append(r)
-            out.write_text(json.dumps(report, indent=2))
-            if "refused" in r:
-                print(f"{wl:>5} {cfg:>12}: {r['refused']}", flush=True)
-                continue
-            mb = (r.get("flash_bytes_read_per_token") or 0) / 1e6
-            print(f"{wl:>5} {cfg:>12}: {r['decode_tokens_per_s']:.2f} tok/s, "
-                  f"{mb:.0f} MB/token from flash, peak RSS over baseline "
-                  f"{r['peak_rss_over_baseline'] / 1e6:.0f} MB, ttft {r['ttft_s']:.1f} s",
-                  flush=True)
+    plan = [(wl, cfg) for wl in a.workloads for cfg in configs
+            + (["0.5-nodraft"] if wl.startswith("edit") and 0.5 in a.budgets else [])
+            if a.configs is None or cfg in a.configs]
+    # other runs stay (one command per workload, or per configuration, can build the file)
+    report["runs"] = [r for r in report.get("runs", [])
+                      if (r["workload"], r["config"]) not in plan]
+    for wl, cfg in plan:
+        r = run(["--child", cfg, wl, "--model", a.model, "--max-tokens",
+                 str(a.max_tokens), "--threads", str(a.threads), "--kv-cache", a.kv_cache,
+                 "--kv-reserve-tokens", str(a.kv_reserve_tokens)])
+        report["runs"].append(r)
+        out.write_text(json.dumps(report, indent=2))
+        if "refused" in r:
+            print(f"{wl:>5} {cfg:>12}: {r['refused']}", flush=True)
+            continue
+        mb = (r.get("flash_bytes_read_per_token") or 0) / 1e6
+        print(f"{wl:>5} {cfg:>12}: {r['decode_tokens_per_s']:.2f} tok/s, "
+              f"{mb:.0f} MB/token from flash, peak RSS over baseline "
+              f"{r['peak_rss_over_baseline'] / 1e6:.0f} MB, ttft {r['ttft_s']:.1f} s",
+              flush=True)
     plot(report, RESULTS / f"offload_{a.model}.png")
     print(f"wrote {out}")
 

@@ -225,8 +225,10 @@ class LoadedModel:
 
     @property
     def held_bytes(self) -> int:
-        """What the model holds besides its KV cache, as the planner counts it."""
-        return self.resident_rss_bytes + self.pool_bytes + WORKING_BYTES
+        """What the model holds besides its KV cache, as the planner counts it (a prompt
+        chunk's transients included: the KV cache may not grow into them)."""
+        transient = self.plan.transient_bytes if self.plan is not None else 0
+        return self.resident_rss_bytes + self.pool_bytes + WORKING_BYTES + transient
 
     def flash_report(self) -> dict:
         """The FFN's and the vocabulary's reads and timings since their counters were reset."""

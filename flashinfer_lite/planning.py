@@ -81,13 +81,13 @@ def pool_plan(budget: int | None, resident_bytes: int, net, layout, kv: KVOption
     # activation, the dense path's blocks) and its attention scores (heads x T x up to a
     # block of keys, a few copies): 14 + 19 MB on the 1.5B at 128-token chunks
     rows = min(chunk, n_ctx, FlashFFN.ROW_BLOCK)
-    staging = (layout.section * (1 + ring) + 2 * layout.gate_section
-               + PREFILL_ROW_ARRAYS * rows * layout.ffn_dim * 4
-               + ATTENTION_COPIES * net.cfg.n_heads * min(chunk, n_ctx)
-               * min(kv_tokens, ATTENTION_BLOCK) * 4)
-    return plan(budget, resident_bytes, kv_reserve, kv_tokens, staging,
-                FlashFFN.bytes_per_neuron(layout), net.cfg.n_layers, net.cfg.ffn_dim,
-                layout.gate_bytes)
+    transient = (PREFILL_ROW_ARRAYS * rows * layout.ffn_dim * 4
+                 + ATTENTION_COPIES * net.cfg.n_heads * min(chunk, n_ctx)
+                 * min(kv_tokens, ATTENTION_BLOCK) * 4)
+    staging = layout.section * (1 + ring) + 2 * layout.gate_section + transient
+    return replace(plan(budget, resident_bytes, kv_reserve, kv_tokens, staging,
+                        FlashFFN.bytes_per_neuron(layout), net.cfg.n_layers, net.cfg.ffn_dim,
+                        layout.gate_bytes), transient_bytes=transient)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ class Plan:
     ffn_dim: int
     capacity: int  # neurons per layer pool
     gate_rows: int  # gate rows per layer held in DRAM
+    transient_bytes: int = 0  # of staging_bytes: a prompt chunk's arrays, not buffers held
 
     @property
     def ffn_share(self) -> float:
@@ -37,7 +38,8 @@ class Plan:
         return {"budget": self.budget, "resident_bytes": self.resident_bytes,
                 "kv_reserve_bytes": self.kv_reserve_bytes, "staging_bytes": self.staging_bytes,
                 "pool_capacity": self.capacity, "ffn_share": self.ffn_share,
-                "gate_rows_held": self.gate_rows, "gate_share": self.gate_rows / self.ffn_dim}
+                "gate_rows_held": self.gate_rows, "gate_share": self.gate_rows / self.ffn_dim,
+                "transient_bytes": self.transient_bytes}
 
 
 def plan(budget: int, resident_bytes: int, kv_reserve_bytes: int, kv_tokens: int,
