@@ -314,8 +314,9 @@ class FlashFFN:
         t_c = time.perf_counter()
         out = self._compute(h, a, active, src)
         if tmp is not None:  # neurons that did not fit the pool
+            held = tmp.neurons if isinstance(tmp, ReadBundles) else tmp.neuron_of[: tmp.count]
             extra_active = np.zeros_like(active)
-            extra_active[:, tmp.neurons] = active[:, tmp.neurons]
+            extra_active[:, held] = active[:, held]
             out += self._compute(h, a, extra_active, tmp)
         self.stats["compute_s"] += time.perf_counter() - t_c
         self.stats["neurons_computed"] += int(active.sum())
