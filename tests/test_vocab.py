@@ -127,10 +127,10 @@ def test_vocab_on_flash_generates_exact_head_greedy(two_models, smollm2_file):
 
 
 def test_planner_puts_vocabulary_on_flash_only_when_needed(flash_dir):
-    """140 MB only fits with the vocabulary on flash (planning.vocab_needs_flash: the head
+    """160 MB only fits with the vocabulary on flash (planning.vocab_needs_flash: the head
     stays if it fits beside a quarter of the FFN), 200 MB fits the resident head; both stay
-    within the budget; 100 MB is below the floor (~117 MB measured)."""
-    tight = fl.load(flash_dir, memory_budget="140MB", threads=2)
+    within the budget; 100 MB is below the floor (~149 MB)."""
+    tight = fl.load(flash_dir, memory_budget="160MB", threads=2)
     assert tight.vocab_bytes > 0  # the preview head and row pools
     # the pools' slot maps and scratch are not in the plan: within 1%
     assert tight.held_bytes + tight.plan.kv_reserve_bytes <= 1.01 * tight.memory_budget
