@@ -77,13 +77,18 @@ class NeuronPool:
 
     def insert(self, neurons: np.ndarray, raw: np.ndarray, step: int) -> np.ndarray:
         """Append neurons (with their bundles raw (n, stride)); returns their slots."""
-        n = len(neurons)
-        if n == 0:
+        if len(neurons) == 0:
             return np.zeros(0, np.int64)
+        slots = self._append(neurons, step)
+        self.decode_into(slots, raw)
+        return slots
+
+    def _append(self, neurons: np.ndarray, step: int) -> np.ndarray:
+        """Give neurons the next free slots (used at `step`); returns the slots."""
+        n = len(neurons)
         if self.count + n > self.capacity:
             raise ValueError(f"pool full: {self.count} + {n} > {self.capacity}")
         slots = np.arange(self.count, self.count + n)
-        self.decode_into(slots, raw)
         self.neuron_of[slots] = neurons
         self.slot_of[neurons] = slots
         self.last_used[slots] = step
@@ -149,15 +154,9 @@ class RawNeuronPool(NeuronPool):
     def reserve(self, neurons: np.ndarray, step: int) -> np.ndarray:
         """Append neurons and return their rows (n, stride) for the caller to fill: a read
         buffer's bundles go straight in, with no intermediate copy."""
-        n = len(neurons)
-        if self.count + n > self.capacity:
-            raise ValueError(f"pool full: {self.count} + {n} > {self.capacity}")
-        slots = np.arange(self.count, self.count + n)
-        self.neuron_of[slots] = neurons
-        self.slot_of[neurons] = slots
-        self.last_used[slots] = step
-        self.count += n
-        return self.raw[slots[0] : slots[0] + n] if n else self.raw[:0]
+        first = self.count
+        self._append(neurons, step)
+        return self.raw[first : self.count]
 
     def dequantize(self, slots):
         lay, rows = self.layout, self.raw[slots]

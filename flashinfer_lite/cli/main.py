@@ -7,7 +7,6 @@ line with a non-zero exit; a traceback here is a bug.
 from __future__ import annotations
 
 import json
-import re
 import sys
 
 import click
@@ -95,10 +94,8 @@ def _load(model, backend, threads, ctx_size, kv_cache, memory_budget, ffn_share,
           kv_sinks, token_filter="none", **filter_opts):
     from .. import load
 
-    budget = memory_budget
-    if budget is not None and re.fullmatch(r"0?\.[0-9]+|1(\.0*)?", budget.strip()):
-        budget = float(budget)  # a fraction of the model file
-    return load(model, memory_budget=budget, backend=backend, kv_cache=kv_cache,
+    # "0.5" is a fraction of the model file: memory.parse_budget reads it so
+    return load(model, memory_budget=memory_budget, backend=backend, kv_cache=kv_cache,
                 ctx_size=ctx_size, threads=threads, ffn_share=ffn_share, kv_window=kv_window,
                 kv_sinks=kv_sinks, token_filter=None if token_filter == "none" else token_filter,
                 **filter_opts)

@@ -182,7 +182,12 @@ class FlashFFN:
         returns each one's byte position in the reader's staging buffer."""
         starts = self.manifest.layer(layer)["offset"] + neurons * self.layout.stride
         reads = coalesce(starts, starts + self.layout.stride, self.gap, self.reader.align)
-        dests = self.reader.read(reads)
+        return self._landed(reads, self.reader.read(reads), starts)
+
+    @staticmethod
+    def _landed(reads, dests, starts) -> np.ndarray:
+        """Where ranges starting at file offsets `starts` sit in a staging buffer that holds
+        `reads` at `dests`: (n,) byte positions."""
         r_off = np.array([o for o, _ in reads], np.int64)
         idx = np.searchsorted(r_off, starts, side="right") - 1
         return np.asarray(dests, np.int64)[idx] + (starts - r_off[idx])
@@ -190,12 +195,8 @@ class FlashFFN:
     def _gather(self, staging, reads, dests, starts) -> np.ndarray:
         """Bundles starting at file offsets `starts` out of a staging buffer that holds
         `reads` at `dests` -> (n, stride) uint8."""
-        r_off = np.array([o for o, _ in reads], np.int64)
-        r_dst = np.array(dests, np.int64)
-        idx = np.searchsorted(r_off, starts, side="right") - 1
-        pos = r_dst[idx] + (starts - r_off[idx])
         out = np.empty((len(starts), self.layout.stride), np.uint8)
-        gather_rows(staging, pos.astype(np.int64), self.layout.stride, out)
+        gather_rows(staging, self._landed(reads, dests, starts), self.layout.stride, out)
         return out
 
     # ---- lookahead ---------------------------------------------------------------------------
@@ -332,8 +333,7 @@ class FlashFFN:
         t = h.shape[0]
         if t >= self.DENSE_ROWS:
             return self._compute_rows_dense(h, a, active, pool)
-        raw = not isinstance(pool, NeuronPool) or isinstance(pool, RawNeuronPool)
-        where = self._positions(pool) if raw else pool.slot_of  # (ffn,), -1: not held
+        raw, where = self._where(pool)
         at = np.full((t, active.shape[1]), 0, np.int64)
         coef = np.zeros((t, active.shape[1]), np.float32)
         counts = np.zeros(t, np.int64)
@@ -351,11 +351,14 @@ class FlashFFN:
             return bundle_ffn(h, at, coef, counts, self._bytes(pool), self.layout, chunks)
         return sparse_ffn(h.astype(np.float32), pool.block, at, coef, counts, pool, chunks)
 
-    def _positions(self, pool) -> np.ndarray:
-        """(ffn,) byte position of each neuron's bundle in self._bytes(pool); -1: absent."""
+    def _where(self, pool) -> tuple[bool, np.ndarray]:
+        """Whether pool holds raw bundles, and where each neuron is in it, (ffn,) with -1 where
+        absent: byte positions in self._bytes(pool) for raw bundles, slots in a decoded pool."""
         if isinstance(pool, ReadBundles):
-            return pool.pos_of
-        return np.where(pool.slot_of >= 0, pool.slot_of * self.layout.stride, -1)
+            return True, pool.pos_of
+        if isinstance(pool, RawNeuronPool):
+            return True, np.where(pool.slot_of >= 0, pool.slot_of * self.layout.stride, -1)
+        return False, pool.slot_of
 
     @staticmethod
     def _bytes(pool) -> np.ndarray:
@@ -371,8 +374,7 @@ class FlashFFN:
         BLAS (per-row sparse loops would redo the up-row dot products for every row). In
         groups of DENSE_NEURONS: the whole union at once (plus gguf's dequantizing
         temporaries) was a 34 MB peak on Gemma 3, past a 300 MB budget's reserve."""
-        raw = not isinstance(pool, NeuronPool) or isinstance(pool, RawNeuronPool)
-        where = self._positions(pool) if raw else pool.slot_of
+        raw, where = self._where(pool)
         union = np.nonzero(active.any(0) & (where >= 0))[0]
         out = np.zeros((h.shape[0], self.layout.d_model), np.float32)
         x = h.astype(np.float32)

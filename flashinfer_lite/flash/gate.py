@@ -41,13 +41,12 @@ class FlashGate:
         self._skip = first % ALIGN  # bytes before row `held` in that read
         self._stream = lay.gate_section - (first - self._skip)
         slots = 2 if self.held < lay.ffn_dim else 0
-        self.reader = FlashReader(manifest.gate_path, max(self._stream * slots,
-                                                          -(-first // ALIGN) * ALIGN, ALIGN),
+        held_read = -(-first // ALIGN) * ALIGN  # the held rows, read once at load
+        self.reader = FlashReader(manifest.gate_path, max(self._stream * slots, held_read, ALIGN),
                                   threads=threads, direct=direct)
-        for i in range(self.n_layers):  # one sequential read per layer
-            if self.held:
-                self.reader.read([(manifest.gate_offset(i), -(-first // ALIGN) * ALIGN)])
-                self.rows.append(self.reader.staging[:first].reshape(self.held, gb).copy())
+        for i in range(self.n_layers if self.held else 0):  # one sequential read per layer
+            self.reader.read([(manifest.gate_offset(i), held_read)])
+            self.rows.append(self.reader.staging[:first].reshape(self.held, gb).copy())
         self._bg = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="gate-read")
                     if slots else None)
         self._pending: dict[int, Future] = {}
