@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from conftest import topics_text
+from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize
 
 import flashinfer_lite as fl
@@ -18,7 +19,15 @@ from flashinfer_lite.flash.calibration import RecordingFFN
 from flashinfer_lite.flash.convert import convert
 from flashinfer_lite.flash.ffn import FlashFFN
 from flashinfer_lite.flash.planner import WORKING_BYTES, plan
-from flashinfer_lite.kernels.bundle_ffn import dequantize_raw, raw_matvec
+from flashinfer_lite.kernels import ggml_dot
+from flashinfer_lite.kernels.bundle_ffn import (
+    DOWN_BLOCK,
+    Q8_BYTES,
+    Q8_CODES,
+    bundle_ffn,
+    dequantize_raw,
+    raw_matvec,
+)
 from flashinfer_lite.kernels.sparse_ffn import sparse_ffn
 from flashinfer_lite.loaders.direct_io import ALIGN, FlashReader, coalesce
 from flashinfer_lite.loaders.flash_format import DOWN_TYPE, open_flash_dir
@@ -142,30 +151,117 @@ def test_sparse_kernel_matches_dense(manifest):
         np.testing.assert_allclose(got[t], ref, rtol=1e-3, atol=1e-3)
 
 
+def _activations_as_ggml_has_them(qx: np.ndarray, kern, k: int) -> np.ndarray:
+    """x quantized for ggml's vec_dot, decoded by hand from ggml's block layouts (gguf
+    decodes only Q8_0): Q8_K = float32 d, int8[256], int16 sums[16]; Q8_1 = float16 d,
+    float16 s, int8[32]."""
+    if kern.act_type == Q.Q8_0:
+        return dequantize(qx, Q.Q8_0).reshape(len(qx), k)
+    per, size = kern.act_block, kern.act_block_bytes
+    blocks = qx.reshape(len(qx), k // per, size)
+    if kern.act_type == Q.Q8_K:
+        d = blocks[..., :4].copy().view(np.float32)
+        q = blocks[..., 4 : 4 + 256].view(np.int8)
+    else:
+        d = blocks[..., :2].copy().view(np.float16).astype(np.float32)
+        q = blocks[..., 4 : 4 + 32].view(np.int8)
+    return (d * q.astype(np.float32)).reshape(len(qx), k)
+
+
+def _ggml_dot_reference(x: np.ndarray, raw: np.ndarray, qtype, ref: np.ndarray) -> np.ndarray:
+    """What ggml's vec_dot computes for rows raw (dequantized: ref) and activations x: the
+    dot product with x as quantized for it; for Q4_1 rows, whose minimum multiplies the
+    block's sum stored as float16 in Q8_1 (s), with that stored sum."""
+    kern = ggml_dot.kernel(qtype)
+    k = x.shape[1]
+    qx = kern.quantize(x)
+    out = _activations_as_ggml_has_them(qx, kern, k) @ ref.T
+    if qtype == Q.Q4_1:  # block: float16 d, float16 m, 16 bytes of codes
+        m = raw.reshape(len(raw), k // 32, 20)[..., 2:4].copy().view(np.float16)[..., 0]
+        blocks = qx.reshape(len(qx), k // 32, kern.act_block_bytes)
+        d = blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+        stored = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+        sums = blocks[..., 4:36].view(np.int8).astype(np.float32).sum(-1)
+        out += (stored - d * sums) @ m.astype(np.float32).T
+    return out
+
+
+@pytest.mark.parametrize("engine", ["numba", "ggml"])
 @pytest.mark.parametrize("source", ["smollm2", "qwen-0.5b"])
-def test_raw_row_kernels_match_gguf_dequantizer(source, smollm2_path):
+def test_raw_row_kernels_match_gguf_dequantizer(source, engine, smollm2_path, monkeypatch):
     """The kernels that multiply and decode GGUF rows as they are, on rows of the real models
-    (Q4_1; Q5_0, Q8_0, Q4_K), against gguf's dequantizer: decoding bit-exact, products to
-    float32 rounding."""
+    (Q4_1; Q5_0, Q8_0, Q4_K), against gguf's dequantizer: decoding bit-exact; products to
+    float32 rounding, by our numba decoders over float activations, or by ggml's vec_dot over
+    activations quantized as llama.cpp quantizes them (checked against those activations
+    decoded)."""
+    monkeypatch.setenv("FLASHINFER_LITE_GGML_DOT", "1" if engine == "ggml" else "0")
+    ggml_dot.reset()
     if source == "smollm2":
         f, names = GGUFFile(smollm2_path), ["blk.0.ffn_gate.weight"]
     else:
         f = GGUFFile(resolve_model("qwen2.5-coder-0.5b"))
         names = ["blk.0.ffn_gate.weight", "blk.0.attn_v.weight", "blk.11.ffn_down.weight"]
     seen = set()
-    for name in names:
-        t = f.tensor(name)
-        raw = np.ascontiguousarray(np.asarray(t.raw)[:300])
-        ref = dequantize(raw, t.qtype).reshape(len(raw), -1).astype(np.float32)
-        k = ref.shape[1]
-        np.testing.assert_array_equal(dequantize_raw(raw, t.qtype, k), ref)
-        x = np.random.default_rng(0).standard_normal((3, k)).astype(np.float32)
-        for chunks in (1, 2):
-            out = np.full((3, len(raw)), np.nan, np.float32)
-            raw_matvec(x, raw, t.qtype, out, chunks)
-            np.testing.assert_allclose(out, x @ ref.T, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
-        seen.add(t.qtype.name)
+    try:
+        for name in names:
+            t = f.tensor(name)
+            raw = np.ascontiguousarray(np.asarray(t.raw)[:300])
+            ref = dequantize(raw, t.qtype).reshape(len(raw), -1).astype(np.float32)
+            k = ref.shape[1]
+            np.testing.assert_array_equal(dequantize_raw(raw, t.qtype, k), ref)
+            x = np.random.default_rng(0).standard_normal((3, k)).astype(np.float32)
+            kern = ggml_dot.kernel(t.qtype)
+            assert (kern is not None) == (engine == "ggml")
+            want = x @ ref.T if kern is None else _ggml_dot_reference(x, raw, t.qtype, ref)
+            if kern is not None:  # quantized, not ignored: 8 bits per activation
+                xq = _activations_as_ggml_has_them(kern.quantize(x), kern, k)
+                assert 0 < np.abs(xq - x).max() < 0.02 * np.abs(x).max()
+            for chunks in (1, 2):
+                out = np.full((3, len(raw)), np.nan, np.float32)
+                raw_matvec(x, raw, t.qtype, out, chunks)
+                np.testing.assert_allclose(out, want, rtol=1e-4,
+                                           atol=1e-4 * np.abs(ref).max() * np.sqrt(k))
+            seen.add(t.qtype.name)
+    finally:
+        monkeypatch.delenv("FLASHINFER_LITE_GGML_DOT")
+        ggml_dot.reset()
     assert seen == ({"Q4_1"} if source == "smollm2" else {"Q5_0", "Q8_0", "Q4_K"})
+
+
+@pytest.mark.parametrize("engine", ["numba", "ggml"])
+def test_bundle_kernel_matches_dense(manifest, engine, monkeypatch):
+    """The raw-bundle FFN kernel (up rows dotted, down columns added where the bundles sit in a
+    buffer) against gguf-dequantized weights, per row's own neuron set, on one and two
+    threads."""
+    monkeypatch.setenv("FLASHINFER_LITE_GGML_DOT", "1" if engine == "ggml" else "0")
+    ggml_dot.reset()
+    # the down kernel compiles the Q8_0 block's layout in; it must be the table's
+    assert (DOWN_BLOCK.nbytes, DOWN_BLOCK.codes) == (Q8_BYTES, Q8_CODES)
+    lay = manifest.layout
+    raw = read_bundles(manifest, 3, np.arange(300))
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, lay.d_model)).astype(np.float32)
+    pos = np.stack([np.arange(300), rng.permutation(300)]) * lay.stride
+    counts = np.array([300, 120])
+    coef = rng.standard_normal((2, 300)).astype(np.float32)
+    up = dequantize(raw[:, : lay.up_bytes], lay.up_type).reshape(300, lay.d_model)
+    down = dequantize(raw[:, lay.up_bytes : lay.up_bytes + lay.down_bytes], DOWN_TYPE)
+    down = down.reshape(300, lay.d_model)
+    assert (ggml_dot.kernel(lay.up_type) is not None) == (engine == "ggml")
+    ups = (x @ up.T if engine == "numba"
+           else _ggml_dot_reference(x, raw[:, : lay.up_bytes], lay.up_type, up))  # (2, 300)
+    try:
+        for chunks in (1, 2):
+            got = bundle_ffn(x, pos, coef, counts, raw.reshape(-1), lay, chunks)
+            for t in range(2):
+                n = counts[t]
+                rows = pos[t, :n] // lay.stride
+                ref = (coef[t, :n] * ups[t, rows]) @ down[rows]
+                np.testing.assert_allclose(got[t], ref, rtol=1e-3,
+                                           atol=1e-4 * np.abs(ref).max())
+    finally:
+        monkeypatch.delenv("FLASHINFER_LITE_GGML_DOT")
+        ggml_dot.reset()
 
 
 def test_gate_rows_held_or_read_give_the_same_output(manifest):
