@@ -374,8 +374,12 @@ def warm() -> None:
             *up_layout(Q.Q4_0), 1, 18, 1, table, np.zeros((1, 0, 32), np.float32), 0, 0,
             _NO_QX)
     rows = np.zeros((0, 18), np.uint8)
-    # the gate's output is written in column slices (flash/gate.py): a strided array type
-    matvec_raw(x, np.zeros((0, 1), np.float32), rows, *up_layout(Q.Q4_0), 1, table,
-               np.zeros((0, 4), np.float32)[:, 1:3], 0, 0, 0, _NO_QX)
-    decode_raw(rows, *up_layout(Q.Q4_0), 1, table, np.zeros((0, 32), np.float32))
+    # the gate's output is written in column slices (flash/gate.py): strided, or contiguous
+    # for one row of x; no rows of W, so nothing is computed
+    for out in (np.zeros((2, 4), np.float32)[:, 1:3], np.zeros((1, 2), np.float32)):
+        matvec_raw(np.zeros((len(out), 32), np.float32), np.zeros((len(out), 1), np.float32),
+                   rows, *up_layout(Q.Q4_0), 1, table, out, 0, 0, 0, _NO_QX)
+    # whole rows (the gate) and the up or down part of gathered bundles (a strided view)
+    for raw in (np.zeros((2, 18), np.uint8), np.zeros((2, 36), np.uint8)[:, :18]):
+        decode_raw(raw, *up_layout(Q.Q4_0), 1, table, np.zeros((2, 32), np.float32))
     gather_rows(np.zeros(64, np.uint8), np.zeros(0, np.int64), 64, np.zeros((0, 64), np.uint8))
