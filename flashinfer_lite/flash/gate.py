@@ -55,6 +55,7 @@ class FlashGate:
         self._bg = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="gate-read")
                     if slots else None)
         self._pending: dict[int, Future] = {}
+        self._landed: int | None = None  # the layer whose streamed rows sit in its slot
         self.reset_counters()
 
     def reset_counters(self) -> None:
@@ -79,15 +80,23 @@ class FlashGate:
 
     def _streamed(self, layer: int) -> np.ndarray:
         """Layer's rows [held, ffn) as (ffn - held, gate_bytes), reading them if not queued;
-        queues the next layer's (wrapping into the next token) before returning."""
+        queues the next layer's (wrapping into the next token) before returning. Asked again
+        for the layer that landed last (the FFN predicts a layer from the one before, then
+        computes it exactly), the rows are still in their slot: the read is not repeated."""
+        if layer == self._landed and layer not in self._pending:
+            return self._rows_in_slot(layer)
         if layer not in self._pending:
             self._submit(layer)
         t0 = time.perf_counter()
         self._pending.pop(layer).result()
         self.wait_s += time.perf_counter() - t0
+        self._landed = layer
         nxt = (layer + 1) % self.n_layers
         if nxt not in self._pending:
             self._submit(nxt)  # the other slot: this layer's stays valid until nxt + 1
+        return self._rows_in_slot(layer)
+
+    def _rows_in_slot(self, layer: int) -> np.ndarray:
         lay = self.layout
         start = self._slot(layer) + self._skip
         n = lay.ffn_dim - self.held
@@ -117,6 +126,7 @@ class FlashGate:
         for fut in self._pending.values():
             fut.result()
         self._pending.clear()
+        self._landed = None
 
     def report(self) -> dict:
         return {"gate_rows_held": self.held, "gate_bytes_read": self.bytes_read,

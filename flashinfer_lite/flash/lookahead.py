@@ -1,17 +1,12 @@
-"""Reading the next layers' likely misses while this layer computes.
+"""Reading the next layer's likely misses while this layer computes.
 
-When a decoding token reaches layer L, the bundles layers L+1 .. L+depth will probably need and
-do not hold are read on one background thread, each layer into its own slot of a staging ring.
-The prediction is what the layer needed at the previous token (consecutive tokens share most of
-their active neurons); it is known before this token's hidden state is, so reads can run as
-far ahead as the ring allows, overlapping attention, the FFN kernel and ONNX Runtime calls of
-the layers before. A layer's pool changes only in that layer's own call, so "not held" is
-already exact when the read is queued.
-
-One thread, not several: on this machine's disk small O_DIRECT reads from one thread ran at
-~16k per second, and from a Python thread pool at half that (benchmarks/results/flash_*.json
-records the reader's own numbers). Output does not depend on any of this: the same bytes
-arrive either way (tests/test_flash.py).
+Once a decoding token's layer L knows what it needs, the FFN predicts which bundles layer L+1
+will need and does not hold (flash/ffn.py says how) and queues their read here: one background
+thread hands it to a reader whose own threads keep several reads in flight, into the layer's
+slot of a staging ring (depth + 1 slots: the slot a layer computes from is not reused while it
+does). The read overlaps layer L's FFN and layer L+1's attention. A layer's pool changes only in
+that layer's own call, so "not held" is already exact when the read is queued. Output does not
+depend on any of this: the same bytes arrive either way (tests/test_flash.py).
 """
 
 from __future__ import annotations
@@ -27,12 +22,13 @@ from ..loaders.direct_io import FlashReader, coalesce
 class Lookahead:
     """A ring of depth + 1 layer-sized staging slots filled by one background reader."""
 
-    def __init__(self, path, section: int, depth: int, gap: int, direct: bool = True):
+    def __init__(self, path, section: int, depth: int, gap: int, direct: bool = True,
+                 threads: int = 8):
         if depth < 1:
             raise ValueError(f"lookahead depth must be >= 1; got {depth}")
         self.depth, self.section, self.gap = depth, section, gap
-        # + 1: the slot of the layer being consumed is not reused until its bundles are copied
-        self.reader = FlashReader(path, section * (depth + 1), threads=1, direct=direct)
+        # + 1: the slot of the layer being consumed is not reused until it has been computed
+        self.reader = FlashReader(path, section * (depth + 1), threads=threads, direct=direct)
         self._bg = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flash-lookahead")
         self.pending: dict[int, tuple[np.ndarray, list, Future]] = {}
         self.slot_layer: list[int | None] = [None] * (depth + 1)
