@@ -228,7 +228,10 @@ class LoadedModel:
         """What the model holds besides its KV cache, as the planner counts it (a prompt
         chunk's transients included: the KV cache may not grow into them)."""
         transient = self.plan.transient_bytes if self.plan is not None else 0
-        return self.resident_rss_bytes + self.pool_bytes + WORKING_BYTES + transient
+        # the lookahead's buffers (decoding only) give their pages to a prompt chunk's arrays
+        ring = self.flash.ring_bytes if self.flash is not None else 0
+        return (self.resident_rss_bytes + self.pool_bytes + WORKING_BYTES
+                + max(transient - ring, 0))
 
     def flash_report(self) -> dict:
         """The FFN's and the vocabulary's reads and timings since their counters were reset."""

@@ -101,11 +101,26 @@ class FlashFFN:
         # lookahead: a ring of staging slots and one background reader (flash/lookahead.py)
         self.prefetch = prefetch and mode == "ours"
         depth = self.LOOKAHEAD if lookahead is None else lookahead
-        self.lookahead = (Lookahead(manifest.ffn_path, lay.section, depth, coalesce_gap,
-                                    direct=direct, threads=threads) if self.prefetch else None)
+        self.lookahead = (Lookahead(manifest.ffn_path, self.prefetch_slot(lay), depth,
+                                    coalesce_gap, direct=direct, threads=threads)
+                          if self.prefetch else None)
+        self._ring_in_use = False  # the lookahead ring holds pages (released for prompts)
         self.norm_ratio = self._norm_ratios(manifest) if self.prefetch else None
         if cached:
             self._warm()
+
+    @classmethod
+    def prefetch_slot(cls, layout) -> int:
+        """Staging bytes per predicted layer: half a section (a decoding token needs ~70% of
+        a layer's neurons, ~86% of them predicted, minus what the pool holds; past it the
+        hottest that fit are read ahead)."""
+        return -(-(layout.section // 2) // 4096) * 4096
+
+    @classmethod
+    def prefetch_bytes(cls, layout) -> int:
+        """What prefetch=True holds while decoding: the lookahead ring, and a layer's misses
+        gathered out of the two read buffers (up to a section)."""
+        return (cls.LOOKAHEAD + 1) * cls.prefetch_slot(layout) + layout.section
 
     @staticmethod
     def _norm_ratios(manifest) -> list[np.ndarray] | None:
@@ -168,6 +183,12 @@ class FlashFFN:
         if la is not None:
             la.wait_s, la.bundles_read, la.bundles_used = 0.0, 0, 0
         self.gate.reset_counters()
+
+    @property
+    def ring_bytes(self) -> int:
+        """What decoding with the lookahead holds (prefetch_bytes) and gives back while a
+        prompt is read: counted once with a prompt chunk's arrays."""
+        return self.prefetch_bytes(self.layout) if self.lookahead is not None else 0
 
     @property
     def nbytes(self) -> int:
@@ -303,20 +324,24 @@ class FlashFFN:
             if self.lookahead is not None:
                 ahead = self.lookahead.take(layer)  # waits for it
                 if h.shape[0] <= self.PREDICT_ROWS:
+                    self._ring_in_use = True
                     self._predict(layer, h)
-            if len(missing) and self.in_place:
-                # no copies: the pool takes what fits straight from the read buffers, and the
-                # rest (window full: the coldest misses) is computed where it landed
-                parts = self._read_missing(layer, missing, ahead)
+                elif self._ring_in_use:  # a prompt chunk: its arrays use the ring's memory
+                    self.lookahead.release()
+                    ahead, self._ring_in_use = None, False
+            if len(missing) and self.in_place and self.lookahead is None:
+                # no copies: the pool takes what fits straight from the read buffer, and the
+                # rest (window full: the coldest misses) is computed where it landed. (With
+                # the lookahead, bundles come from two buffers: they are gathered in bundle
+                # order instead, so the sums run in the same order and results stay the same
+                # bit for bit: the skip rule turns rounding differences into other neurons.)
+                pos = self._read(layer, missing)
                 t_mm = time.perf_counter()
                 room = pool.evict_for(len(missing), self.step, self.window)
-                tmp = []
-                for buf, neurons, pos in parts:
-                    keep = neurons <= missing[room - 1] if room else np.zeros(len(neurons), bool)
-                    gather_rows(buf, pos[keep], self.layout.stride,
-                                pool.reserve(neurons[keep], self.step))
-                    if not keep.all():
-                        tmp.append(ReadBundles(buf, neurons[~keep], pos[~keep], self.layout))
+                gather_rows(self.reader.staging, pos[:room], self.layout.stride,
+                            pool.reserve(missing[:room], self.step))
+                tmp = ([ReadBundles(self.reader.staging, missing[room:], pos[room:],
+                                    self.layout)] if room < len(missing) else [])
                 self.stats["mm_s"] += time.perf_counter() - t_mm
             elif len(missing):
                 raw = self._take(layer, missing, ahead)
@@ -359,24 +384,6 @@ class FlashFFN:
         self.stats["neuron_slots"] += active.size
         self.stats["io_s"] += self.reader.seconds - io0
         return out
-
-    def _read_missing(self, layer: int, missing: np.ndarray, ahead) -> list:
-        """Where the bundles `missing` (sorted) are: [(buffer, neurons, byte positions)], from
-        the layer-ahead read `ahead` (Lookahead.take) where it has them, the rest read now."""
-        parts, rest = [], missing
-        if ahead is not None:
-            bundles, reads, dests = ahead
-            idx = np.minimum(np.searchsorted(bundles, missing), len(bundles) - 1)
-            have = bundles[idx] == missing
-            if have.any():
-                starts = self.manifest.layer(layer)["offset"] + missing[have] * self.layout.stride
-                parts.append((self.lookahead.reader.staging, missing[have],
-                              self._landed(reads, dests, starts)))
-                self.lookahead.bundles_used += int(have.sum())
-            rest = missing[~have]
-        if len(rest):
-            parts.append((self.reader.staging, rest, self._read(layer, rest)))
-        return parts
 
     def _compute(self, h, a, active, pool) -> np.ndarray:
         """The FFN over `active` (T, ffn) neurons held by pool: a neuron pool, or bundles

@@ -16,19 +16,21 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-from ..loaders.direct_io import FlashReader, coalesce
+from ..loaders.direct_io import ALIGN, FlashReader, coalesce
 
 
 class Lookahead:
     """A ring of depth + 1 layer-sized staging slots filled by one background reader."""
 
-    def __init__(self, path, section: int, depth: int, gap: int, direct: bool = True,
+    def __init__(self, path, slot: int, depth: int, gap: int, direct: bool = True,
                  threads: int = 8):
+        """slot: staging bytes per layer; a prediction past it reads its hottest bundles
+        that fit (the layer reads the rest itself)."""
         if depth < 1:
             raise ValueError(f"lookahead depth must be >= 1; got {depth}")
-        self.depth, self.section, self.gap = depth, section, gap
+        self.depth, self.section, self.gap = depth, slot, gap
         # + 1: the slot of the layer being consumed is not reused until it has been computed
-        self.reader = FlashReader(path, section * (depth + 1), threads=threads, direct=direct)
+        self.reader = FlashReader(path, slot * (depth + 1), threads=threads, direct=direct)
         self._bg = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flash-lookahead")
         self.pending: dict[int, tuple[np.ndarray, list, Future]] = {}
         self.slot_layer: list[int | None] = [None] * (depth + 1)
@@ -46,6 +48,12 @@ class Lookahead:
         owner = self.slot_layer[slot]
         if owner is not None:  # an older prediction nobody took (a prompt ended): drop it
             self._finish(owner)
+        # bundles are hot-first: keep those whose span (an upper bound of the coalesced
+        # reads' bytes) fits the slot
+        fits = starts + stride - starts[0] // ALIGN * ALIGN <= self.section - ALIGN
+        bundles, starts = bundles[fits], starts[fits]
+        if len(bundles) == 0:
+            return
         reads = coalesce(starts, starts + stride, self.gap, self.reader.align)
         base = slot * self.section
         fut = self._bg.submit(self.reader.read, reads, base)
@@ -69,9 +77,15 @@ class Lookahead:
         return self._finish(layer)
 
     def drain(self) -> None:
-        """Finish every queued read and forget it (a prefill changes pools in bulk)."""
+        """Finish every queued read and forget it."""
         for layer in list(self.pending):
             self._finish(layer)
+
+    def release(self) -> None:
+        """Drain, and give the ring's pages back: a prompt's chunks take their memory (the
+        planner counts the larger of the two, flash/planner.py)."""
+        self.drain()
+        self.reader.release()
 
     def close(self) -> None:
         self.drain()

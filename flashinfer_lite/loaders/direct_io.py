@@ -61,7 +61,10 @@ class FlashReader:
                 fcntl.fcntl(self.fd, 48, 1)  # F_NOCACHE
                 self.mode = "F_NOCACHE"
         self.capacity = -(-staging_bytes // ALIGN) * ALIGN
-        self._buf = mmap.mmap(-1, self.capacity)  # anonymous: page-aligned
+        # anonymous (page-aligned) and private: release() gives its pages back
+        private = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
+        self._buf = (mmap.mmap(-1, self.capacity, flags=private) if private
+                     else mmap.mmap(-1, self.capacity))
         self.staging = np.frombuffer(self._buf, np.uint8)
         self.align = self._probe_alignment()
         self.threads = threads
@@ -119,6 +122,12 @@ class FlashReader:
         self.bytes_read += pos - base
         self.read_calls += len(reads)
         return dests
+
+    def release(self) -> None:
+        """Give the staging buffer's pages back to the OS (they fault back in, zeroed, on the
+        next read into them)."""
+        if hasattr(mmap, "MADV_DONTNEED"):
+            self._buf.madvise(mmap.MADV_DONTNEED)
 
     def drop_page_cache(self) -> None:
         """Evict the file from the OS page cache (benchmarks start cold)."""
