@@ -13,6 +13,7 @@ Configurations, each in its own child process with the page cache dropped first:
              vocabulary on flash), drafts as the API defaults them (prompt lookup, 8 tokens)
              (a budget below the floor is recorded with the planner's refusal)
   <f>-nodraft  the same without drafts (the edit workloads: same greedy output?)
+  <f>-prefetch the same with prefetch=True (layer-ahead reads predicted from the residual)
 Workloads (chat-templated, greedy; benchmarks/bench_speculative.py holds their messages):
 fresh (write a new function; ~40-token prompt), edit (rename a class in ~1.5k tokens of code
 the answer repeats), edit_small (add type hints to a quoted class, ~0.5k tokens).
@@ -92,7 +93,7 @@ def child(model: str, config: str, workload: str, max_tokens: int, threads: int,
         try:
             m = fl.load(flash_dir, threads=threads, memory_budget=int(frac * size),
                         ffn_mode="naive" if config == "naive" else "ours", kv_cache=kv_cache,
-                        kv_reserve_tokens=kv_reserve)
+                        kv_reserve_tokens=kv_reserve, prefetch=config.endswith("-prefetch"))
         except fl.BudgetError as exc:  # below the floor: a result, not a failure
             print(json.dumps({"config": config, "workload": workload, "refused": str(exc)}))
             return
@@ -137,6 +138,8 @@ def child(model: str, config: str, workload: str, max_tokens: int, threads: int,
                                        if rep["gate_read_s"] else None),
             "neuron_cache_hit_rate": rep["neuron_cache_hit_rate"],
             "ffn_active_fraction": rep["ffn_active_fraction"],
+            "prefetch_bytes_read": rep["prefetch_bytes_read"],
+            "prefetch_hit_rate": rep["prefetch_hit_rate"],
             "resident_rss_bytes": m.resident_rss_bytes, "pool_bytes": rep["pool_bytes"],
             "read_mode": rep["flash_read_mode"]})
     print(json.dumps(r))
@@ -156,13 +159,14 @@ def quality_child(model: str, budget: float, n_tokens: int, threads: int):
         return float(np.exp(-lp[np.arange(len(ids) - 1), ids[1:]].mean()))
 
     path = resolve_model(model)
-    dense = fl.load(path, threads=threads)
-    ids = dense.tokenize(topics_text())[:n_tokens]
-    out = {"tokens": len(ids), "budget": budget, "resident": decode_ppl(dense, ids)}
-    dense.close()
+    # the budgeted model first: its planner measures the resident part as RSS growth, which
+    # a dense model loaded and freed before would blur
     m = fl.load(ensure_converted(path), threads=threads,
-                memory_budget=int(budget * path.stat().st_size))
-    out["flash"] = decode_ppl(m, ids)
+                memory_budget=int(budget * path.stat().st_size), kv_reserve_tokens=n_tokens)
+    ids = m.tokenize(topics_text())[:n_tokens]
+    out = {"tokens": len(ids), "budget": budget, "flash": decode_ppl(m, ids)}
+    m.close()
+    out["resident"] = decode_ppl(fl.load(path, threads=threads), ids)
     out["ppl_vs_resident"] = out["flash"] / out["resident"] - 1
     print(json.dumps(out))
 
@@ -186,7 +190,7 @@ def plot(report: dict, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for wl, marker in (("fresh", "o-"), ("edit", "s-"), ("edit_small", "^-")):
         rows = sorted((r for r in report["runs"] if r["workload"] == wl and "refused" not in r
-                       and r["config"][0].isdigit() and not r["config"].endswith("nodraft")),
+                       and r["config"][0].isdigit() and "-" not in r["config"]),
                       key=lambda r: float(r["config"]))
         if rows:
             ax.plot([float(r["config"]) for r in rows],
@@ -217,7 +221,8 @@ def main():
     ap.add_argument("--kv-reserve-tokens", type=int, default=1024,
                     help="positions the planner reserves KV cache for (the prompt's and answer's)")
     ap.add_argument("--configs", nargs="+", default=None,
-                    help="run only these configurations (naive, a budget, resident, 0.5-nodraft)")
+                    help="run only these configurations (naive, a budget, resident, "
+                         "0.5-nodraft, 0.75-prefetch)")
     ap.add_argument("--quality", action="store_true")
     ap.add_argument("--ppl-tokens", type=int, default=256)
     ap.add_argument("--budget", type=float, default=0.5)
@@ -244,9 +249,8 @@ def main():
         print(json.dumps(report["quality"], indent=2))
         return
     configs = ["naive", *map(str, a.budgets), "resident"]
-    plan = [(wl, cfg) for wl in a.workloads for cfg in configs
-            + (["0.5-nodraft"] if wl.startswith("edit") and 0.5 in a.budgets else [])
-            if a.configs is None or cfg in a.configs]
+    plan = [(wl, cfg) for wl in a.workloads for cfg in (a.configs or configs + (
+        ["0.5-nodraft"] if wl.startswith("edit") and 0.5 in a.budgets else []))]
     # other runs stay (one command per workload, or per configuration, can build the file)
     report["runs"] = [r for r in report.get("runs", [])
                       if (r["workload"], r["config"]) not in plan]

@@ -75,18 +75,19 @@ def pool_plan(budget: int | None, resident_bytes: int, net, layout, kv: KVOption
     # slack positions, not kv.reserve_tokens)
     kv_tokens = min(kv.reserve_tokens, n_ctx)
     kv_reserve = sum(c.bytes_at(kv_tokens, chunk) for c in make_layer_caches(net, kv.spec))
-    # staging: the bundle reads and the gate's ring of two layers; and a prompt chunk's
-    # transients: its (T, ffn) float32 arrays in the FFN (gate/score, activation, the dense
-    # path's blocks) and its attention scores (heads x T x up to a block of keys, a few
-    # copies): 14 + 19 MB on the 1.5B at 128-token chunks. The lookahead's buffers (decoding
-    # only) give their pages back when a prompt chunk comes (flash/ffn.py): the larger of the
-    # two
+    # staging: the bundle reads, the gate's ring of two layers, each pool's index of where
+    # its neurons sit; and a prompt chunk's transients: its (T, ffn) float32 arrays in the FFN
+    # (gate/score, activation, the dense path's blocks) and its attention scores (heads x T x
+    # up to a block of keys, a few copies): 14 + 19 MB on the 1.5B at 128-token chunks. The
+    # lookahead's buffers (decoding only) give their pages back when a prompt chunk comes
+    # (flash/ffn.py): the larger of the two
     rows = min(chunk, n_ctx, FlashFFN.ROW_BLOCK)
     transient = (PREFILL_ROW_ARRAYS * rows * layout.ffn_dim * 4
                  + ATTENTION_COPIES * net.cfg.n_heads * min(chunk, n_ctx)
                  * min(kv_tokens, ATTENTION_BLOCK) * 4)
     ring = FlashFFN.prefetch_bytes(layout) if flash.prefetch and flash.mode == "ours" else 0
-    staging = layout.section + 2 * layout.gate_section + max(transient, ring)
+    staging = (layout.section + 2 * layout.gate_section + max(transient, ring)
+               + net.cfg.n_layers * FlashFFN.pool_fixed_bytes(layout))
     return replace(plan(budget, resident_bytes, kv_reserve, kv_tokens, staging,
                         FlashFFN.bytes_per_neuron(layout), net.cfg.n_layers, net.cfg.ffn_dim,
                         layout.gate_bytes), transient_bytes=transient)

@@ -132,9 +132,10 @@ def test_planner_puts_vocabulary_on_flash_only_when_needed(flash_dir):
     within the budget; 100 MB is below the floor (~149 MB)."""
     tight = fl.load(flash_dir, memory_budget="160MB", threads=2)
     assert tight.vocab_bytes > 0  # the preview head and row pools
-    # the pools' slot maps and scratch are not in the plan: within 1%
-    assert tight.held_bytes + tight.plan.kv_reserve_bytes <= 1.01 * tight.memory_budget
-    roomy = fl.load(flash_dir, memory_budget="200MB", threads=2)
+    # what the model holds leaves the KV cache the plan reserved (so a context of
+    # kv_reserve_tokens is admitted)
+    for m in (tight, roomy := fl.load(flash_dir, memory_budget="200MB", threads=2)):
+        assert m.held_bytes + m.plan.kv_reserve_bytes <= m.memory_budget
     assert roomy.vocab_bytes == 0
     with pytest.raises(fl.BudgetError, match="minimum is"):
         fl.load(flash_dir, memory_budget="100MB", threads=2)

@@ -159,6 +159,13 @@ class FlashFFN:
         probe = cls(layout, 1)
         return probe.nbytes - probe.slot_of.nbytes
 
+    @staticmethod
+    def pool_fixed_bytes(layout) -> int:
+        """Pool bytes a layer costs whatever its capacity (where each neuron sits: 2 MB on the
+        1.5B's 28 layers)."""
+        cls = RawNeuronPool if layout.up_type in RAW_UP_TYPES else NeuronPool
+        return cls(layout, 1).slot_of.nbytes
+
     # ---- setup -----------------------------------------------------------------------------
     def _warm(self) -> None:
         """Fill each pool with its hottest neurons: one sequential read per layer."""
