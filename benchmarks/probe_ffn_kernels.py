@@ -4,7 +4,9 @@ products (kernels/ggml_dot.py) and with our numba decoders (FLASHINFER_LITE_GGML
   gate     every gate row of the layer times T rows of x (flash/gate.py's decoding path;
            on the BLAS path from 32 rows with ggml, 8 without, so both are timed)
   bundles  the bundle FFN (up-row dots, then down columns added) over 70% of the layer's
-           neurons, a random set per row, as a decoding token computes it
+           neurons, a random set per row, as a decoding token computes it; and the same rows
+           as a verification pass does (bundle_ffn_rows: the union once, each down column
+           decoded once for all rows)
 
     python benchmarks/probe_ffn_kernels.py [--model qwen2.5-coder-1.5b] [--layer 3]
 
@@ -40,7 +42,12 @@ def _median_ms(fn, runs: int = 7) -> float:
 def main():
     from flashinfer_lite.flash.convert import ensure_converted
     from flashinfer_lite.kernels import ggml_dot
-    from flashinfer_lite.kernels.bundle_ffn import bundle_ffn, dequantize_raw, raw_matvec
+    from flashinfer_lite.kernels.bundle_ffn import (
+        bundle_ffn,
+        bundle_ffn_rows,
+        dequantize_raw,
+        raw_matvec,
+    )
     from flashinfer_lite.loaders.flash_format import open_flash_dir
     from flashinfer_lite.registry import resolve_model
 
@@ -79,7 +86,14 @@ def main():
             counts = np.full(t, active, np.int64)
             ffn_ms = _median_ms(lambda x=x, pos=pos, coef=coef, counts=counts:
                                 bundle_ffn(x, pos, coef, counts, bundles, lay, 1))
-            r = {"engine": engine, "rows": t, "gate_ms": gate_ms,
+            # the same rows as one verification pass: the union, weights 0 where inactive
+            union = np.unique(pos) // lay.stride
+            w = np.zeros((t, len(union)), np.float32)
+            for row in range(t):
+                w[row, np.searchsorted(union, pos[row] // lay.stride)] = coef[row]
+            rows_ms = _median_ms(lambda x=x, union=union, w=w: bundle_ffn_rows(
+                x, union * lay.stride, w, bundles, lay, 1))
+            r = {"engine": engine, "rows": t, "gate_ms": gate_ms, "bundles_union_ms": rows_ms,
                  "gate_blas_ms": _median_ms(dense), "bundles_ms": ffn_ms,
                  "gate_GBps": gate.nbytes / gate_ms / 1e6,
                  "bundle_GBps": active * lay.stride / ffn_ms / 1e6 * t}

@@ -27,6 +27,7 @@ from flashinfer_lite.kernels.bundle_ffn import (
     Q8_BYTES,
     Q8_CODES,
     bundle_ffn,
+    bundle_ffn_rows,
     dequantize_raw,
     raw_matvec,
 )
@@ -232,9 +233,9 @@ def test_raw_row_kernels_match_gguf_dequantizer(source, engine, smollm2_path, mo
 
 @pytest.mark.parametrize("engine", ["numba", "ggml"])
 def test_bundle_kernel_matches_dense(manifest, engine, monkeypatch):
-    """The raw-bundle FFN kernel (up rows dotted, down columns added where the bundles sit in a
-    buffer) against gguf-dequantized weights, per row's own neuron set, on one and two
-    threads."""
+    """The raw-bundle FFN kernels (up rows dotted, down columns added where the bundles sit in
+    a buffer) against gguf-dequantized weights, per row's own neuron set (bundle_ffn) and over
+    the rows' union (bundle_ffn_rows), on one and two threads."""
     monkeypatch.setenv("FLASHINFER_LITE_GGML_DOT", "1" if engine == "ggml" else "0")
     ggml_dot.reset()
     # the down kernel compiles the Q8_0 block's layout in; it must be the table's
@@ -252,15 +253,23 @@ def test_bundle_kernel_matches_dense(manifest, engine, monkeypatch):
     assert (ggml_dot.kernel(lay.up_type) is not None) == (engine == "ggml")
     ups = (x @ up.T if engine == "numba"
            else _ggml_dot_reference(x, raw[:, : lay.up_bytes], lay.up_type, up))  # (2, 300)
+    # the same rows as one verification pass: the union of their bundles, each row's weight
+    # (0 where inactive) per bundle
+    union = np.zeros((2, 300), np.float32)
+    for t in range(2):
+        union[t, pos[t, : counts[t]] // lay.stride] = coef[t, : counts[t]]
     try:
         for chunks in (1, 2):
             got = bundle_ffn(x, pos, coef, counts, raw.reshape(-1), lay, chunks)
+            got_union = bundle_ffn_rows(x, np.arange(300) * lay.stride, union, raw.reshape(-1),
+                                        lay, chunks)
             for t in range(2):
                 n = counts[t]
                 rows = pos[t, :n] // lay.stride
                 ref = (coef[t, :n] * ups[t, rows]) @ down[rows]
-                np.testing.assert_allclose(got[t], ref, rtol=1e-3,
-                                           atol=1e-4 * np.abs(ref).max())
+                for out in (got, got_union):
+                    np.testing.assert_allclose(out[t], ref, rtol=1e-3,
+                                               atol=1e-4 * np.abs(ref).max())
     finally:
         monkeypatch.delenv("FLASHINFER_LITE_GGML_DOT")
         ggml_dot.reset()

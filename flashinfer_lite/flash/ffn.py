@@ -31,7 +31,13 @@ import time
 import numpy as np
 
 from ..cache.neuron_pool import NeuronPool, RawNeuronPool
-from ..kernels.bundle_ffn import RAW_UP_TYPES, bundle_ffn, dequantize_raw, gather_rows
+from ..kernels.bundle_ffn import (
+    RAW_UP_TYPES,
+    bundle_ffn,
+    bundle_ffn_rows,
+    dequantize_raw,
+    gather_rows,
+)
 from ..kernels.ops import ACTIVATIONS
 from ..kernels.sparse_ffn import sparse_ffn
 from ..loaders.direct_io import FlashReader, coalesce
@@ -396,9 +402,17 @@ class FlashFFN:
         """The FFN over `active` (T, ffn) neurons held by pool: a neuron pool, or bundles
         where a read left them (ReadBundles)."""
         t = h.shape[0]
-        if t >= self.DENSE_ROWS:
-            return self._compute_rows_dense(h, a, active, pool)
         raw, where = self._where(pool)
+        if raw and 1 < t < self.DENSE_ROWS_RAW:
+            # a verification pass: one walk over the union of its rows' neurons, each down
+            # column decoded once for all rows
+            union = np.nonzero(active.any(0) & (where >= 0))[0]
+            coef = np.where(active[:, union], a[:, union], 0.0).astype(np.float32)  # (T, n)
+            chunks = self.compute_threads if len(union) >= self.SPLIT_NEURONS else 1
+            return bundle_ffn_rows(h, where[union], coef, self._bytes(pool), self.layout,
+                                   chunks)
+        if t >= (self.DENSE_ROWS_RAW if raw else self.DENSE_ROWS):
+            return self._compute_rows_dense(h, a, active, pool)
         at = np.full((t, active.shape[1]), 0, np.int64)
         coef = np.zeros((t, active.shape[1]), np.float32)
         counts = np.zeros(t, np.int64)
@@ -429,7 +443,9 @@ class FlashFFN:
     def _bytes(pool) -> np.ndarray:
         return pool.buf if isinstance(pool, ReadBundles) else pool.raw.reshape(-1)
 
-    DENSE_ROWS = 8
+    # from this many rows, dequantize the union and use BLAS (decoded pools; raw bundles,
+    # whose multi-row kernel holds up longer: benchmarks/probe_ffn_kernels.py)
+    DENSE_ROWS, DENSE_ROWS_RAW = 8, 32
     SPLIT_NEURONS = 2048  # active neurons in a call from which the kernel runs on every thread
 
     DENSE_NEURONS = 256  # neurons dequantized at a time on the prefill path

@@ -203,6 +203,52 @@ def ffn_raw(x, x_sum, pos, coef, counts, buf, stride, kind, size, codes, extra, 
 
 
 @numba.njit(fastmath=True, cache=True, nogil=True)
+def ffn_raw_rows(x, x_sum, pos, coef, buf, stride, kind, size, codes, extra, up_blocks,
+                 down_off, d_blocks, table, out, c, fn, qx):
+    """Several rows of x over one set of bundles (a verification pass: its rows share most
+    neurons): x (T, K); bundle j at buf[pos[j]:], coef (T, n) its weight per row (0: not
+    active there); out (chunks, T, D), chunk c's share of the bundles. Each down column is
+    decoded once for all rows (ffn_raw decodes it again for every row)."""
+    chunks, t_rows, k = out.shape[0], x.shape[0], x.shape[1]
+    sc, mn = np.empty(8, np.float32), np.empty(8, np.float32)
+    s = np.empty(t_rows, np.float32)
+    width = out.shape[2] // d_blocks
+    w = np.empty(width, np.float32)
+    n = pos.shape[0]
+    for j in range(n * c // chunks, n * (c + 1) // chunks):
+        p = pos[j]
+        r = buf[p : p + stride]
+        any_row = False
+        for t in range(t_rows):
+            s[t] = 0.0
+            if coef[t, j] == 0.0:
+                continue
+            any_row = True
+            if fn != 0:
+                u = vec_dot(fn, k, r.ctypes.data, qx[t].ctypes.data)
+            elif kind == 4:
+                u = q4k_dot(r, up_blocks // 8, x[t], x_sum[t], table, sc, mn)
+            else:
+                u = raw_up_dot(r, kind, up_blocks, size, codes, extra, x[t], x_sum[t], table,
+                               sc, mn)
+            s[t] = coef[t, j] * u
+        if not any_row:
+            continue
+        col = buf[p + down_off : p + down_off + d_blocks * Q8_BYTES]
+        for b in range(d_blocks):
+            o = b * Q8_BYTES
+            d = half(col, o, table)
+            for i in range(width):
+                w[i] = d * np.float32(np.int8(col[o + Q8_CODES + i]))
+            for t in range(t_rows):
+                st = s[t]
+                if st != 0.0:
+                    y = out[c, t, b * width : (b + 1) * width]
+                    for i in range(width):
+                        y[i] += st * w[i]
+
+
+@numba.njit(fastmath=True, cache=True, nogil=True)
 def matvec_raw(x, x_sum, raw, kind, size, codes, extra, blocks, table, out, lo, hi, fn, qx):
     """out[t, r] = row r of raw (GGUF blocks) . x[t], for rows lo..hi-1 (one chunk per
     thread); fn != 0: by ggml's vec_dot over qx, as in ffn_raw."""
@@ -314,6 +360,30 @@ def bundle_ffn(x: np.ndarray, pos: np.ndarray, coef: np.ndarray, counts: np.ndar
     return out.sum(0)
 
 
+def bundle_ffn_rows(x: np.ndarray, pos: np.ndarray, coef: np.ndarray, buf: np.ndarray,
+                    layout, chunks: int = 1) -> np.ndarray:
+    """x (T, K) -> (T, D) over one set of bundles in buf at byte positions pos (n,), row t's
+    weights coef[t] (0 where the neuron is not active for it); chunks > 1 splits the bundles
+    over that many threads."""
+    t, k = x.shape
+    x = np.ascontiguousarray(x, np.float32)
+    x_sum = x.reshape(t, k // 32, 32).sum(-1)  # (T, K/32)
+    out = np.zeros((chunks, t, layout.d_model), np.float32)
+    table = half_table()
+    fn, qx = _ggml(x, layout.up_type)
+    coef = np.ascontiguousarray(coef, np.float32)
+
+    def run(c):
+        ffn_raw_rows(x, x_sum, pos, coef, buf, layout.stride, *up_layout(layout.up_type),
+                     k // 32, layout.up_bytes, layout.d_model // 32, table, out, c, fn, qx)
+
+    if chunks == 1:
+        run(0)
+        return out[0]
+    list(executor(chunks).map(run, range(chunks)))
+    return out.sum(0)
+
+
 def raw_matvec(x: np.ndarray, raw: np.ndarray, qtype: Q, out: np.ndarray,
                chunks: int = 1) -> None:
     """out (T, n) = x (T, K) @ W.T for W's rows raw (n, row bytes) in their GGUF blocks; rows
@@ -373,6 +443,9 @@ def warm() -> None:
             np.zeros((0, 1), np.float32), np.zeros(0, np.int64), np.zeros(64, np.uint8), 64,
             *up_layout(Q.Q4_0), 1, 18, 1, table, np.zeros((1, 0, 32), np.float32), 0, 0,
             _NO_QX)
+    ffn_raw_rows(x, np.zeros((0, 1), np.float32), np.zeros(0, np.int64),
+                 np.zeros((0, 0), np.float32), np.zeros(64, np.uint8), 64, *up_layout(Q.Q4_0),
+                 1, 18, 1, table, np.zeros((1, 0, 32), np.float32), 0, 0, _NO_QX)
     rows = np.zeros((0, 18), np.uint8)
     # the gate's output is written in column slices (flash/gate.py): strided, or contiguous
     # for one row of x; no rows of W, so nothing is computed
