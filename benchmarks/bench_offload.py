@@ -154,19 +154,19 @@ def quality_child(model: str, budget: float, n_tokens: int, threads: int):
     from flashinfer_lite.registry import resolve_model
 
     def decode_ppl(m, ids):
-        m.prefill_chunk = 1  # one token per forward: the decoding path
         lp = log_softmax(m.logits(ids)[:-1])
         return float(np.exp(-lp[np.arange(len(ids) - 1), ids[1:]].mean()))
 
     path = resolve_model(model)
     # the budgeted model first: its planner measures the resident part as RSS growth, which
     # a dense model loaded and freed before would blur
-    m = fl.load(ensure_converted(path), threads=threads,
+    # prefill_chunk=1: one token per forward, the decoding path
+    m = fl.load(ensure_converted(path), threads=threads, prefill_chunk=1,
                 memory_budget=int(budget * path.stat().st_size), kv_reserve_tokens=n_tokens)
     ids = m.tokenize(topics_text())[:n_tokens]
     out = {"tokens": len(ids), "budget": budget, "flash": decode_ppl(m, ids)}
     m.close()
-    out["resident"] = decode_ppl(fl.load(path, threads=threads), ids)
+    out["resident"] = decode_ppl(fl.load(path, threads=threads, prefill_chunk=1), ids)
     out["ppl_vs_resident"] = out["flash"] / out["resident"] - 1
     print(json.dumps(out))
 
