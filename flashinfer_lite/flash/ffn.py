@@ -19,9 +19,9 @@ Modes, for the benchmark's ablation (DESIGN "LLM in a flash"):
 The prediction (Deja Vu, ActiveFlow: adjacent layers see nearly the same residual stream): the
 FFN input is h = x / rms(x) * w (w: the layer's ffn_norm); with x unchanged between layers,
 layer L+1's input is ~ h_L * w_{L+1} / w_L, and L+1's own gate rows (read one layer ahead
-anyway, flash/gate.py) give its predicted activations, through the same rule. On the 1.5B's
-decoding it found 86% of the neurons layer L+1 needed, and 86% of what it named was needed.
-Which neurons are computed never depends on it: only where their bytes come from.
+anyway, flash/gate.py) give its predicted activations, through the same rule. On the 1.5B
+(benchmarks/bench_offload.py --configs 0.75-prefetch) 92% of the bundles it read ahead were
+used. Which neurons are computed never depends on it: only where their bytes come from.
 """
 
 from __future__ import annotations
