@@ -342,22 +342,7 @@ def bundle_ffn(x: np.ndarray, pos: np.ndarray, coef: np.ndarray, counts: np.ndar
     where they landed): row t's active ones at byte positions pos[t, :counts[t]], scaled by
     coef[t]. chunks > 1 splits each row's bundles over that many threads (the kernel releases
     the GIL)."""
-    t, k = x.shape
-    x = np.ascontiguousarray(x, np.float32)
-    x_sum = x.reshape(t, k // 32, 32).sum(-1)  # (T, K/32)
-    out = np.zeros((chunks, t, layout.d_model), np.float32)
-    table = half_table()
-    fn, qx = _ggml(x, layout.up_type)
-
-    def run(c):
-        ffn_raw(x, x_sum, pos, coef, counts, buf, layout.stride, *up_layout(layout.up_type),
-                k // 32, layout.up_bytes, layout.d_model // 32, table, out, c, fn, qx)
-
-    if chunks == 1:
-        run(0)
-        return out[0]
-    list(executor(chunks).map(run, range(chunks)))
-    return out.sum(0)
+    return _bundle_kernel(ffn_raw, x, (pos, coef, counts, buf), layout, chunks)
 
 
 def bundle_ffn_rows(x: np.ndarray, pos: np.ndarray, coef: np.ndarray, buf: np.ndarray,
@@ -365,17 +350,23 @@ def bundle_ffn_rows(x: np.ndarray, pos: np.ndarray, coef: np.ndarray, buf: np.nd
     """x (T, K) -> (T, D) over one set of bundles in buf at byte positions pos (n,), row t's
     weights coef[t] (0 where the neuron is not active for it); chunks > 1 splits the bundles
     over that many threads."""
+    coef = np.ascontiguousarray(coef, np.float32)
+    return _bundle_kernel(ffn_raw_rows, x, (pos, coef, buf), layout, chunks)
+
+
+def _bundle_kernel(kernel, x: np.ndarray, bundles: tuple, layout, chunks: int) -> np.ndarray:
+    """Run ffn_raw or ffn_raw_rows (their bundle arguments: `bundles`) on x (T, K), one chunk
+    per thread; -> (T, D)."""
     t, k = x.shape
     x = np.ascontiguousarray(x, np.float32)
     x_sum = x.reshape(t, k // 32, 32).sum(-1)  # (T, K/32)
     out = np.zeros((chunks, t, layout.d_model), np.float32)
     table = half_table()
     fn, qx = _ggml(x, layout.up_type)
-    coef = np.ascontiguousarray(coef, np.float32)
 
     def run(c):
-        ffn_raw_rows(x, x_sum, pos, coef, buf, layout.stride, *up_layout(layout.up_type),
-                     k // 32, layout.up_bytes, layout.d_model // 32, table, out, c, fn, qx)
+        kernel(x, x_sum, *bundles, layout.stride, *up_layout(layout.up_type), k // 32,
+               layout.up_bytes, layout.d_model // 32, table, out, c, fn, qx)
 
     if chunks == 1:
         run(0)
