@@ -91,7 +91,7 @@ class FlashFFN:
         self.skip_fraction, self.cold_skip_fraction = skip_fraction, max(cold, skip_fraction)
         cached = mode in ("cache", "ours")
         self.capacity = min(capacity, lay.ffn_dim) if cached else lay.ffn_dim
-        self.pool_class = RawNeuronPool if lay.up_type in RAW_UP_TYPES else NeuronPool
+        self.pool_class = self.pool_type(lay)
         self.pools = ([self.pool_class(lay, self.capacity) for _ in range(n_layers)] if cached
                       else None)
         # the uncached modes' pool for one call (raw bundles are used where they were read)
@@ -118,7 +118,7 @@ class FlashFFN:
     @classmethod
     def prefetch_slot(cls, layout) -> int:
         """Staging bytes per predicted layer: half a section (a decoding token needs ~70% of
-        a layer's neurons, ~86% of them predicted, minus what the pool holds; past it the
+        a layer's neurons, minus what the pool holds, and not all are predicted; past it the
         hottest that fit are read ahead)."""
         return -(-(layout.section // 2) // 4096) * 4096
 
@@ -159,18 +159,21 @@ class FlashFFN:
         return [manifest.layer(i)["thresholds"][key] for i in range(manifest.data["n_layers"])]
 
     @staticmethod
-    def bytes_per_neuron(layout) -> int:
+    def pool_type(layout) -> type[NeuronPool]:
+        """Raw bundles where the kernel decodes the row type, else decoded rows."""
+        return RawNeuronPool if layout.up_type in RAW_UP_TYPES else NeuronPool
+
+    @classmethod
+    def bytes_per_neuron(cls, layout) -> int:
         """Pool bytes one neuron costs (decoded up row + scales + int8 down column)."""
-        cls = RawNeuronPool if layout.up_type in RAW_UP_TYPES else NeuronPool
-        probe = cls(layout, 1)
+        probe = cls.pool_type(layout)(layout, 1)
         return probe.nbytes - probe.slot_of.nbytes
 
-    @staticmethod
-    def pool_fixed_bytes(layout) -> int:
+    @classmethod
+    def pool_fixed_bytes(cls, layout) -> int:
         """Pool bytes a layer costs whatever its capacity (where each neuron sits: 2 MB on the
         1.5B's 28 layers)."""
-        cls = RawNeuronPool if layout.up_type in RAW_UP_TYPES else NeuronPool
-        return cls(layout, 1).slot_of.nbytes
+        return cls.pool_type(layout)(layout, 1).slot_of.nbytes
 
     # ---- setup -----------------------------------------------------------------------------
     def _warm(self) -> None:
