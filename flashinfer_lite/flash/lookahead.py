@@ -28,7 +28,7 @@ class Lookahead:
         that fit (the layer reads the rest itself)."""
         if depth < 1:
             raise ValueError(f"lookahead depth must be >= 1; got {depth}")
-        self.depth, self.section, self.gap = depth, slot, gap
+        self.depth, self.slot_bytes, self.gap = depth, slot, gap
         # + 1: the slot of the layer being consumed is not reused until it has been computed
         self.reader = FlashReader(path, slot * (depth + 1), threads=threads, direct=direct)
         self._bg = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flash-lookahead")
@@ -50,12 +50,12 @@ class Lookahead:
             self._finish(owner)
         # bundles are hot-first: keep those whose span (an upper bound of the coalesced
         # reads' bytes) fits the slot
-        fits = starts + stride - starts[0] // ALIGN * ALIGN <= self.section - ALIGN
+        fits = starts + stride - starts[0] // ALIGN * ALIGN <= self.slot_bytes - ALIGN
         bundles, starts = bundles[fits], starts[fits]
         if len(bundles) == 0:
             return
         reads = coalesce(starts, starts + stride, self.gap, self.reader.align)
-        base = slot * self.section
+        base = slot * self.slot_bytes
         fut = self._bg.submit(self.reader.read, reads, base)
         self.pending[layer] = (bundles, reads, fut)
         self.slot_layer[slot] = layer
@@ -83,7 +83,7 @@ class Lookahead:
 
     def release(self) -> None:
         """Drain, and give the ring's pages back: a prompt's chunks take their memory (the
-        planner counts the larger of the two, flash/planner.py)."""
+        planner counts the larger of the two, planning.pool_plan)."""
         self.drain()
         self.reader.release()
 
